@@ -1,0 +1,38 @@
+"""Built-in triggers and poisoning; importing this package registers the triggers.
+
+Public API: the triggers (:class:`BadNets`, :class:`Blend`, :class:`WaNet`), the patch-level wrapper
+:class:`BadPatches` with :func:`build_attack_trigger`, poisoning (:func:`poison_indices`,
+:func:`poison_training_set`, :func:`triggered_test_set`) and :func:`trigger_grid_png` for pictures.
+"""
+
+from __future__ import annotations
+
+from bench.attacks.badnets import BadNets
+from bench.attacks.badpatches import APPLY_MODES, BadPatches, build_attack_trigger
+from bench.attacks.base import Trigger
+from bench.attacks.blend import Blend
+from bench.attacks.pictures import trigger_grid_png
+from bench.attacks.poison import (
+    PoisonedSet,
+    poison_count,
+    poison_indices,
+    poison_training_set,
+    triggered_test_set,
+)
+from bench.attacks.wanet import WaNet
+
+__all__ = [
+    "APPLY_MODES",
+    "BadNets",
+    "BadPatches",
+    "Blend",
+    "PoisonedSet",
+    "Trigger",
+    "WaNet",
+    "build_attack_trigger",
+    "poison_count",
+    "poison_indices",
+    "poison_training_set",
+    "trigger_grid_png",
+    "triggered_test_set",
+]

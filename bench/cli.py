@@ -1,0 +1,210 @@
+"""The ``bench`` command: a thin Typer skin over :mod:`bench.runner`.
+
+Messages and progress go to stderr, data (plans as JSON, reports) to stdout, so ``bench report ... |
+jq`` works. User mistakes exit with code 2 and a one-line message; a failing run exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bench import runner
+from bench.errors import BenchError
+from bench.plan import Job
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="pmoe-bench: backdoor attacks and defenses on patch-level Mixture-of-Experts classifiers.",
+)
+err = Console(stderr=True)
+out = Console()
+
+ScenarioArg = Annotated[Path, typer.Argument(help="Scenario YAML file, e.g. scenarios/quickstart.yaml.")]
+PluginsOpt = Annotated[
+    list[str] | None, typer.Option("--plugins", help="Plugin file or folder to load (repeatable).")
+]
+RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Where result stores live (runs/<name>/).")]
+
+
+def _fail(exc: BenchError) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    return typer.Exit(2)
+
+
+class RichReporter:
+    """Progress bars: one for jobs, one for the epochs of the training in flight."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"), console=console, transient=False,
+        )
+        self.jobs_task: int | None = None
+        self.epoch_task: int | None = None
+
+    def __enter__(self) -> RichReporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def start(self, total: int, skipped: int) -> None:
+        info = f"{skipped} already done" if skipped else ""
+        self.jobs_task = self.progress.add_task("jobs", total=total, info=info)
+
+    def job_started(self, job: Job) -> None:
+        if self.epoch_task is not None:
+            self.progress.remove_task(self.epoch_task)
+            self.epoch_task = None
+        if job.kind == "train":
+            spec = job.spec
+            what = "clean" if spec["attack"] is None else f"{spec['attack']['name']}@{spec['poison_rate']:g}"
+            label = f"  train {spec['model']['name']}/{spec['dataset']['name']} {what} seed {spec['seed']}"
+            self.epoch_task = self.progress.add_task(label, total=spec["train"]["epochs"], info="")
+
+    def epoch(self, epoch: int, epochs: int, loss: float) -> None:
+        if self.epoch_task is not None:
+            self.progress.update(self.epoch_task, completed=epoch, info=f"loss {loss:.3f}")
+
+    def job_finished(self, job: Job, seconds: float) -> None:
+        if self.jobs_task is not None:
+            self.progress.advance(self.jobs_task)
+
+
+def _plan_table(summary: dict[str, object]) -> Table:
+    table = Table(title=f"plan: {summary['scenario']}", show_header=True)
+    table.add_column("what")
+    table.add_column("total", justify="right")
+    table.add_column("done", justify="right")
+    table.add_column("to run", justify="right")
+    table.add_row("cells", str(summary["cells"]), "", "")
+    for kind, counts in summary["jobs"].items():  # type: ignore[union-attr]
+        table.add_row(f"{kind} jobs", str(counts["total"]), str(counts["done"]), str(counts["total"] - counts["done"]))
+    table.add_row("training images to process", "", "", f"{summary['pending_training_images']:,}")
+    return table
+
+
+@app.command()
+def plan(
+    scenario: ScenarioArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON on stdout.")] = False,
+    runs_dir: RunsDirOpt = Path("runs"),
+    plugins: PluginsOpt = None,
+) -> None:
+    """Show the expanded matrix: cells, distinct trainings, evaluations, what is already done."""
+    try:
+        prepared = runner.prepare(scenario, plugins)
+        root = runner.store_dir(runs_dir, prepared.resolved.name)
+        done = runner.Store(root).done_ids() if (root / "results.db").exists() else set()
+    except BenchError as exc:
+        raise _fail(exc) from None
+    summary = prepared.plan.summary(done)
+    if as_json:
+        summary["jobs_detail"] = [
+            {"id": j.id, "kind": j.kind, "deps": list(j.deps), "done": j.id in done, "spec": j.spec}
+            for j in prepared.plan.jobs
+        ]
+        out.print_json(json.dumps(summary))
+    else:
+        err.print(_plan_table(summary))
+
+
+@app.command()
+def run(
+    scenario: ScenarioArg,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only; same as `bench plan`.")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Delete this scenario's store and start over.")] = False,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ... (overrides the scenario).")] = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+    reports_dir: Annotated[Path, typer.Option("--reports-dir", help="Where reports are written.")] = Path("reports"),
+    as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: the plan as JSON.")] = False,
+    plugins: PluginsOpt = None,
+) -> None:
+    """Run a scenario: train, evaluate, write the report. Resumes whatever is already stored."""
+    if dry_run:
+        plan(scenario, as_json=as_json, runs_dir=runs_dir, plugins=plugins)
+        return
+    try:
+        with RichReporter(err) as reporter:
+            outcome = runner.run(scenario, runs_dir, reports_dir, fresh, device, plugins, reporter)
+    except BenchError as exc:
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]: finished jobs are stored; run the same command again to resume.")
+        raise typer.Exit(130) from None
+    s = outcome.summary
+    err.print(
+        f"ran {len(s.ran)} jobs in {s.seconds:.1f} s ({s.skipped} already done); "
+        f"report: [bold]{outcome.report_path}[/]"
+    )
+    out.print(runner.render(outcome.store, "md"), markup=False, highlight=False)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/quickstart.")],
+    fmt: Annotated[str, typer.Option("--format", help="md, csv or json.")] = "md",
+    out_path: Annotated[Path | None, typer.Option("--out", help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Render the leaderboard of a finished (or partial) run again."""
+    if fmt not in ("md", "csv", "json"):
+        err.print(f"[bold red]error:[/] --format: must be md, csv or json, got {fmt!r}")
+        raise typer.Exit(2)
+    try:
+        store = runner.open_run(run_dir)
+        text = runner.render(store, fmt)
+    except BenchError as exc:
+        raise _fail(exc) from None
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(text, encoding="utf-8")
+        err.print(f"wrote {out_path}")
+    else:
+        typer.echo(text)
+
+
+@app.command("plugins")
+def list_plugins(
+    kind: Annotated[str | None, typer.Option(help="model, dataset, trigger or defense.")] = None,
+    pattern: Annotated[str, typer.Argument(help="Glob on the component name.")] = "*",
+    plugins: PluginsOpt = None,
+) -> None:
+    """List every known component with its source, parameters and one-line doc."""
+    from bench.plugins import load_plugins
+    from bench.registry import KINDS, REGISTRY
+
+    try:
+        if kind is not None and kind not in KINDS:
+            raise BenchError(f"--kind: must be one of {', '.join(KINDS)}, got {kind!r}")
+        load_plugins(plugins or [])
+        components = list(REGISTRY.list(kind, pattern))
+    except BenchError as exc:
+        raise _fail(exc) from None
+    table = Table(show_lines=False)
+    for col in ("kind", "name", "source", "parameters", "doc"):
+        table.add_column(col, overflow="fold")
+    for comp in components:
+        params = ", ".join(
+            f"{p.name}: {p.annotation}" + ("" if p.required else f" = {p.default!r}") for p in comp.params
+        )
+        table.add_row(comp.kind, comp.name, comp.source, params, comp.doc)
+    out.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

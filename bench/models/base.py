@@ -1,0 +1,81 @@
+"""The surface every model in pmoe-bench exposes, so defenses and routing analysis can rely on it.
+
+Inputs are images in [0, 1]; normalisation belongs to the model (a :class:`Normalize` first layer), so
+triggers and defenses never need to know a data set's statistics.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Routing:
+    """Which patches each expert's router kept for a batch.
+
+    indices: ``[N, E, k]`` long, patch positions in row-major order over ``grid``.
+    gates:   ``[N, E, k]`` float, the softmax gating value of each kept patch.
+    scores:  ``[N, E, n]`` float, every router score (n = grid rows * grid cols), before top-k.
+    grid:    ``(rows, cols)`` of the patch grid.
+    patch_px: ``(height, width)`` of one patch in *input* pixels, so maps can be drawn over the image.
+    """
+
+    indices: torch.Tensor
+    gates: torch.Tensor
+    scores: torch.Tensor
+    grid: tuple[int, int]
+    patch_px: tuple[int, int]
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.indices.shape[1])
+
+    def selection_mask(self) -> torch.Tensor:
+        """``[N, E, rows, cols]`` bool: True where the expert kept that patch."""
+        n, e, _ = self.indices.shape
+        flat = torch.zeros(n, e, self.grid[0] * self.grid[1], dtype=torch.bool, device=self.indices.device)
+        flat.scatter_(2, self.indices, True)
+        return flat.view(n, e, *self.grid)
+
+
+class Normalize(nn.Module):
+    """Per-channel standardisation as the model's first layer."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class BenchModel(nn.Module, abc.ABC):
+    """Base class of every model. Subclasses implement :meth:`forward_routing`.
+
+    Parameter groups name the parameters that quantization scopes and defenses act on:
+    ``"gate"`` (router kernels), ``"experts"`` (expert parameters). Dense models have neither.
+    """
+
+    #: ``(rows, cols)`` patch grid and patch size in input pixels, or None for a model without routing.
+    patch_grid: tuple[int, int] | None = None
+    patch_px: tuple[int, int] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_routing(x)[0]
+
+    @abc.abstractmethod
+    def forward_routing(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing | None]:
+        """Logits ``[N, classes]`` and the routing of this batch (None for models without routing)."""
+
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """Qualified parameter names per group: ``{"gate": [...], "experts": [...]}``."""
+        return {"gate": [], "experts": []}
+
+    def prunable_convs(self) -> list[tuple[str, nn.Conv2d]]:
+        """The last convolution of every expert (or of the backbone for dense models), for fine-pruning."""
+        return []

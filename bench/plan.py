@@ -1,0 +1,153 @@
+"""From a resolved scenario to a job graph: cells, content-hashed jobs, dedup, clean baselines, cost.
+
+A *cell* is one point of the matrix (dataset x model x attack x poison rate x seed x train setting, and
+later quantization config and defense). A *job* is a unit of work with a fully resolved spec; its id is a
+hash of its kind, spec and inputs, so two cells that need the same training share one job, a finished
+job is never recomputed, and changing one parameter reruns only the jobs whose spec it touches.
+
+Graph: ``train -> evaluate``. Every (dataset, model, seed, train setting) also gets a clean training job
+(no attack), added by the planner, so CAD can be computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from bench.scenario import ResolvedScenario
+
+JOB_SCHEMA_VERSION = 1
+
+# Train settings that only affect evaluation; kept out of training specs so changing them retrains nothing.
+EVAL_ONLY_TRAIN_KEYS = frozenset({"eval_batch_size"})
+
+# Training-set sizes of the built-in data sets, for the cost estimate only (no data is loaded to plan).
+TRAIN_SIZE_HINT = {"digits": 1437, "mnist": 60000, "fashion-mnist": 60000, "cifar10": 50000, "gtsrb": 39209}
+
+
+def job_id(kind: str, spec: dict[str, Any], deps: tuple[str, ...]) -> str:
+    """Content hash of a job: same kind, spec and inputs -> same id, whatever scenario asked for it."""
+    payload = json.dumps(
+        {"v": JOB_SCHEMA_VERSION, "kind": kind, "spec": spec, "deps": list(deps)}, sort_keys=True, default=str
+    )
+    return f"{kind[:2]}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
+
+
+@dataclass(frozen=True)
+class Job:
+    """A unit of work: ``kind`` selects the function, ``spec`` is everything it needs."""
+
+    id: str
+    kind: str
+    spec: dict[str, Any]
+    deps: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the matrix and the jobs that answer it."""
+
+    dataset: dict[str, Any]
+    model: dict[str, Any]
+    attack: dict[str, Any] | None
+    poison_rate: float | None
+    seed: int
+    train: dict[str, Any]
+    train_job: str
+    eval_job: str
+    clean_eval_job: str
+    quant: dict[str, Any] | None = None
+    defense: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Plan:
+    """Jobs in dependency order (every job after its inputs) and the cells they answer."""
+
+    name: str
+    jobs: list[Job] = field(default_factory=list)
+    cells: list[Cell] = field(default_factory=list)
+
+    def by_id(self) -> dict[str, Job]:
+        return {job.id: job for job in self.jobs}
+
+    def pending(self, done: set[str]) -> list[Job]:
+        return [job for job in self.jobs if job.id not in done]
+
+    def summary(self, done: set[str]) -> dict[str, Any]:
+        """Counts for ``bench plan``: cells, jobs by kind, which are done, and a rough cost."""
+        kinds: dict[str, dict[str, int]] = {}
+        for job in self.jobs:
+            k = kinds.setdefault(job.kind, {"total": 0, "done": 0})
+            k["total"] += 1
+            k["done"] += job.id in done
+        pending_images = sum(train_images(job.spec) for job in self.jobs if job.kind == "train" and job.id not in done)
+        return {
+            "scenario": self.name,
+            "cells": len(self.cells),
+            "jobs": kinds,
+            "pending_jobs": sum(1 for job in self.jobs if job.id not in done),
+            "pending_training_images": pending_images,
+        }
+
+
+def train_images(spec: dict[str, Any]) -> int:
+    """Images a training job pushes through the model (epochs x training-set size), for cost estimates."""
+    dataset = spec["dataset"]
+    size = TRAIN_SIZE_HINT.get(dataset["name"], 50000)
+    if dataset.get("train_limit"):
+        size = min(size, int(dataset["train_limit"]))
+    return int(spec["train"]["epochs"]) * size
+
+
+def build(resolved: ResolvedScenario) -> Plan:
+    """Expand the scenario's matrix into cells and deduplicated jobs."""
+    plan = Plan(resolved.name)
+    jobs: dict[str, Job] = {}
+
+    def add(kind: str, spec: dict[str, Any], deps: tuple[str, ...] = ()) -> str:
+        jid = job_id(kind, spec, deps)
+        jobs.setdefault(jid, Job(jid, kind, spec, deps))
+        return jid
+
+    scenario = resolved.scenario
+    attacks: list[tuple[dict[str, Any] | None, float | None]] = [(None, None)]
+    attacks += [(attack, rate) for attack in resolved.attacks for rate in scenario.poison_rates]
+    for dataset in resolved.datasets:
+        for model in resolved.models:
+            for train in resolved.train:
+                for seed in scenario.seeds:
+                    fit = {k: v for k, v in train.items() if k not in EVAL_ONLY_TRAIN_KEYS}
+                    base = {"dataset": dataset, "model": model, "train": fit, "seed": seed}
+                    clean_train = add("train", {**base, "attack": None, "poison_rate": None})
+                    clean_eval = add("evaluate", _eval_spec(dataset, model, None, train), (clean_train,))
+                    for attack, rate in attacks:
+                        if attack is None:
+                            train_job, eval_job = clean_train, clean_eval
+                        else:
+                            train_job = add("train", {**base, "attack": attack, "poison_rate": rate})
+                            eval_job = add("evaluate", _eval_spec(dataset, model, attack, train), (train_job,))
+                        plan.cells.append(
+                            Cell(dataset, model, attack, rate, seed, train, train_job, eval_job, clean_eval)
+                        )
+    order = {"train": 0, "evaluate": 1}
+    plan.jobs = sorted(jobs.values(), key=lambda j: order.get(j.kind, 9))
+    return plan
+
+
+def _eval_spec(
+    dataset: dict[str, Any], model: dict[str, Any], attack: dict[str, Any] | None, train: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "dataset": dataset,
+        "model": model,
+        "attack": attack,
+        "quant": None,
+        "eval_batch_size": train["eval_batch_size"],
+        "precision": train["precision"],
+    }

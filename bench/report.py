@@ -1,0 +1,244 @@
+"""Leaderboards from stored results: pure functions from (cells, job records) to tables.
+
+Per dataset x model (x train setting), a table laid out like Table 1 of the BadPatches paper: rows are
+attack x poison rate, columns ASR, BA, CAD (and RA), each as mean ± std over seeds with n. Then a ranked
+leaderboard under the headline rule stated in the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from tabulate import tabulate
+
+from bench import __version__
+from bench.metrics import Summary, summarize
+from bench.store import JobRecord
+
+HEADLINE_ASR = 0.90
+HEADLINE_CAD = 0.02
+HEADLINE_RULE = (
+    f"an attack's score is the lowest poison rate at which its mean ASR reaches {HEADLINE_ASR:.0%} "
+    f"with mean CAD at most {HEADLINE_CAD * 100:.0f} points; lower is better, ties broken by higher ASR"
+)
+
+
+@dataclass
+class Row:
+    """One aggregated line: a group of cells that differ only by seed."""
+
+    dataset: str
+    model: str
+    train: str
+    attack: str
+    poison_rate: float | None
+    quant: str
+    defense: str
+    ba: Summary
+    asr: Summary
+    ra: Summary
+    cad: Summary
+    seeds: int
+    missing: int
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "dataset": self.dataset, "model": self.model, "train": self.train, "attack": self.attack,
+            "poison_rate": self.poison_rate, "quant": self.quant, "defense": self.defense,
+            "seeds": self.seeds, "missing": self.missing,
+        }
+        for name in ("ba", "asr", "ra", "cad"):
+            s: Summary = getattr(self, name)
+            out[f"{name}_mean"] = None if math.isnan(s.mean) else s.mean
+            out[f"{name}_std"] = None if math.isnan(s.std) else s.std
+            out[f"{name}_n"] = s.n
+        return out
+
+
+def component_label(spec: dict[str, Any] | None, varying: set[str]) -> str:
+    """``name`` plus the parameters that vary between the scenario's components of that kind."""
+    if spec is None:
+        return "clean"
+    flat = dict(spec.get("params", {}))
+    flat.update({k: v for k, v in spec.items() if k not in ("name", "params")})
+    extras = [f"{k}={flat[k]}" for k in sorted(varying) if k in flat and k != "name"]
+    return spec["name"] + (f" ({', '.join(extras)})" if extras else "")
+
+
+def varying_keys(specs: list[dict[str, Any] | None]) -> set[str]:
+    """Parameter names whose value differs between two of ``specs`` (the ones worth showing)."""
+    flats = []
+    for spec in specs:
+        if spec is None:
+            continue
+        flat = dict(spec.get("params", {}))
+        flat.update({k: v for k, v in spec.items() if k != "params"})
+        flats.append(flat)
+    keys = {k for f in flats for k in f}
+    out = set()
+    for k in keys:
+        values = {json.dumps(f.get(k), sort_keys=True, default=str) for f in flats}
+        if len(values) > 1:
+            out.add(k)
+    if any(f.get("apply") == "badpatches" for f in flats):
+        out.add("apply")
+    return out
+
+
+def aggregate(cells: list[dict[str, Any]], records: dict[str, JobRecord]) -> list[Row]:
+    """Group cells over seeds and summarise BA, ASR, RA and CAD (per-seed CAD against the clean model)."""
+    labels = {kind: varying_keys([c[kind] for c in cells]) for kind in ("dataset", "model", "train", "attack")}
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for cell in cells:
+        key = (
+            component_label(cell["dataset"], labels["dataset"]),
+            component_label(cell["model"], labels["model"]),
+            _train_label(cell["train"], labels["train"]),
+            component_label(cell["attack"], labels["attack"]),
+            cell["poison_rate"],
+            _quant_label(cell.get("quant")),
+            component_label(cell.get("defense"), set()) if cell.get("defense") else "-",
+        )
+        groups[key].append(cell)
+    rows = []
+    for key, members in groups.items():
+        ba, asr, ra, cad = [], [], [], []
+        missing = 0
+        for cell in members:
+            rec = records.get(cell["eval_job"])
+            clean = records.get(cell["clean_eval_job"])
+            if rec is None:
+                missing += 1
+                continue
+            ba.append(rec.metrics["ba"])
+            if "asr" in rec.metrics:
+                asr.append(rec.metrics["asr"])
+                ra.append(rec.metrics["ra"])
+            if clean is not None and cell["attack"] is not None:
+                cad.append(clean.metrics["ba"] - rec.metrics["ba"])
+        rows.append(
+            Row(*key, ba=summarize(ba), asr=summarize(asr), ra=summarize(ra), cad=summarize(cad),
+                seeds=len(members), missing=missing)
+        )
+    rows.sort(key=lambda r: (r.dataset, r.model, r.train, r.quant, r.defense, r.attack != "clean", r.attack,
+                             r.poison_rate or 0.0))
+    return rows
+
+
+def _train_label(train: dict[str, Any], varying: set[str]) -> str:
+    extras = [f"{k}={train[k]}" for k in sorted(varying) if k in train]
+    return ", ".join(extras) if extras else "-"
+
+
+def _quant_label(quant: dict[str, Any] | None) -> str:
+    if not quant:
+        return "fp32"
+    return str(quant.get("label", "fp32"))
+
+
+def leaderboard(rows: list[Row]) -> list[dict[str, Any]]:
+    """Rank attacks per (dataset, model, train, quant, defense) under :data:`HEADLINE_RULE`."""
+    by_attack: dict[tuple[Any, ...], list[Row]] = defaultdict(list)
+    for row in rows:
+        if row.attack != "clean" and row.poison_rate is not None:
+            by_attack[(row.dataset, row.model, row.train, row.quant, row.defense, row.attack)].append(row)
+    entries = []
+    for (dataset, model, train, quant, defense, attack), members in by_attack.items():
+        members.sort(key=lambda r: r.poison_rate or 0.0)
+        hit = next(
+            (r for r in members if r.asr.n and r.asr.mean >= HEADLINE_ASR and r.cad.n and r.cad.mean <= HEADLINE_CAD),
+            None,
+        )
+        best_asr = max((r.asr.mean for r in members if r.asr.n), default=float("nan"))
+        entries.append({
+            "dataset": dataset, "model": model, "train": train, "quant": quant, "defense": defense, "attack": attack,
+            "score_rate": hit.poison_rate if hit else None,
+            "asr_at_score": hit.asr.mean if hit else None,
+            "cad_at_score": hit.cad.mean if hit else None,
+            "best_asr": None if math.isnan(best_asr) else best_asr,
+        })
+    entries.sort(key=lambda e: (e["dataset"], e["model"], e["train"], e["quant"], e["defense"],
+                                e["score_rate"] is None, e["score_rate"] or 0.0, -(e["asr_at_score"] or 0.0)))
+    return entries
+
+
+def _pct(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate * 100:g}%"
+
+
+def to_markdown(rows: list[Row], meta: dict[str, Any], pictures: list[str] | None = None) -> str:
+    """The report as markdown: header, one Table-1-style table per group, the ranked leaderboard."""
+    lines = [f"# pmoe-bench report: {meta.get('scenario', '?')}", ""]
+    lines.append(
+        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by pmoe-bench {meta.get('version', __version__)} "
+        f"(commit {meta.get('git_commit', 'unknown')}), device {meta.get('device', '?')}. "
+        "Values are percentages, mean ± sample std over seeds (n = seeds with a result). "
+        "BA: clean test accuracy. ASR: triggered non-target test images classified as the target. "
+        "CAD: BA of the clean model (same model, data, seed) minus BA of the attacked one. "
+        "RA: triggered non-target images still classified correctly."
+    )
+    lines.append("")
+    groups: dict[tuple[str, ...], list[Row]] = defaultdict(list)
+    for row in rows:
+        groups[(row.dataset, row.model, row.train, row.quant, row.defense)].append(row)
+    for (dataset, model, train, quant, defense), members in groups.items():
+        title = f"## {dataset} · {model}"
+        for name, value, default in (("train", train, "-"), ("quantization", quant, "fp32"), ("defense", defense, "-")):
+            if value != default:
+                title += f" · {name}: {value}"
+        lines += [title, ""]
+        table = [
+            [r.attack, _pct(r.poison_rate), r.asr.fmt(), r.ba.fmt(), r.cad.fmt(), r.ra.fmt()]
+            + ([f"{r.missing} missing"] if r.missing else [])
+            for r in members
+        ]
+        headers = ["attack", "poison rate", "ASR", "BA", "CAD", "RA"]
+        if any(r.missing for r in members):
+            headers.append("note")
+            table = [t + [""] * (len(headers) - len(t)) for t in table]
+        lines += [tabulate(table, headers=headers, tablefmt="github"), ""]
+    board = leaderboard(rows)
+    if board:
+        lines += ["## Leaderboard", "", f"Headline rule: {HEADLINE_RULE}.", ""]
+        table = []
+        for rank, e in enumerate(board, start=1):
+            table.append([
+                rank, e["dataset"], e["model"], e["attack"],
+                _pct(e["score_rate"]) if e["score_rate"] is not None else "not reached",
+                "-" if e["asr_at_score"] is None else f"{e['asr_at_score'] * 100:.1f}",
+                "-" if e["cad_at_score"] is None else f"{e['cad_at_score'] * 100:.1f}",
+                "-" if e["best_asr"] is None else f"{e['best_asr'] * 100:.1f}",
+            ])
+        headers = ["rank", "dataset", "model", "attack", "lowest rate", "ASR there", "CAD there", "best ASR"]
+        lines += [tabulate(table, headers=headers, tablefmt="github"), ""]
+    for picture in pictures or []:
+        lines += [f"![{picture}]({picture})", ""]
+    return "\n".join(lines)
+
+
+def to_csv(rows: list[Row]) -> str:
+    """One CSV line per aggregated row, fractions (not percentages)."""
+    buf = io.StringIO()
+    dicts = [r.to_dict() for r in rows]
+    if not dicts:
+        return ""
+    writer = csv.DictWriter(buf, fieldnames=list(dicts[0]))
+    writer.writeheader()
+    writer.writerows(dicts)
+    return buf.getvalue()
+
+
+def to_json(rows: list[Row], meta: dict[str, Any]) -> str:
+    """Rows and leaderboard as JSON, fractions (not percentages)."""
+    return json.dumps(
+        {"meta": meta, "headline_rule": HEADLINE_RULE, "rows": [r.to_dict() for r in rows],
+         "leaderboard": leaderboard(rows)},
+        indent=2,
+    )

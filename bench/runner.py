@@ -1,0 +1,124 @@
+"""The library's front door for a whole study: load -> plan -> check data -> execute -> report.
+
+The CLI is a thin skin over these functions; tests and notebooks call them directly.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import __version__
+from bench import plan as planning
+from bench import report as reporting
+from bench import scenario as scenarios
+from bench.errors import BenchError, ScenarioError
+from bench.execute.local import ExecutionSummary, Reporter, execute
+from bench.jobs import JobContext
+from bench.store import Store, git_commit, open_existing
+from bench.train import resolve_device
+
+
+@dataclass
+class Prepared:
+    """A validated scenario and its plan."""
+
+    resolved: scenarios.ResolvedScenario
+    plan: planning.Plan
+
+
+def prepare(path: str | Path, plugins: list[str] | None = None) -> Prepared:
+    """Load and validate a scenario file and plan it (no data is loaded, nothing runs)."""
+    resolved = scenarios.load(path, extra_plugins=plugins)
+    return Prepared(resolved, planning.build(resolved))
+
+
+def store_dir(runs_dir: str | Path, name: str) -> Path:
+    return Path(runs_dir) / name
+
+
+def check_data(prepared: Prepared, ctx: JobContext) -> None:
+    """Load every data set once (before any training) and check attack targets against its classes."""
+    for dataset in prepared.resolved.datasets:
+        data = ctx.dataset(dataset)
+        for i, attack in enumerate(prepared.resolved.attacks):
+            if attack["target"] >= data.num_classes:
+                raise ScenarioError(
+                    f"{prepared.resolved.source}: attacks (entry {i + 1}, {attack['name']}).target: "
+                    f"{attack['target']} is not a class of dataset '{dataset['name']}' "
+                    f"(valid: 0..{data.num_classes - 1})"
+                )
+
+
+@dataclass
+class RunOutcome:
+    summary: ExecutionSummary
+    report_path: Path
+    store: Store
+
+
+def run(
+    path: str | Path,
+    runs_dir: str | Path = "runs",
+    reports_dir: str | Path = "reports",
+    fresh: bool = False,
+    device: str | None = None,
+    plugins: list[str] | None = None,
+    reporter: Reporter | None = None,
+) -> RunOutcome:
+    """Run a scenario to completion (resuming whatever the store already holds) and write its report."""
+    prepared = prepare(path, plugins)
+    root = store_dir(runs_dir, prepared.resolved.name)
+    if fresh and root.exists():
+        shutil.rmtree(root)
+    store = Store(root)
+    dev = resolve_device(device or prepared.resolved.scenario.device)
+    store.set_meta("scenario", prepared.resolved.scenario.model_dump())
+    store.set_meta("source", prepared.resolved.source)
+    store.set_meta("cells", [c.to_dict() for c in prepared.plan.cells])
+    store.set_meta("device", str(dev))
+    ctx = JobContext(store, dev)
+    check_data(prepared, ctx)
+    summary = execute(prepared.plan, store, dev, reporter, ctx=ctx)
+    report_path = write_report(store, Path(reports_dir) / f"{prepared.resolved.name}.md")
+    return RunOutcome(summary, report_path, store)
+
+
+def report_rows(store: Store) -> tuple[list[reporting.Row], dict[str, Any]]:
+    """Aggregated rows and metadata of a store's latest plan."""
+    cells = store.get_meta("cells")
+    if cells is None:
+        raise BenchError(f"{store.root}: this store holds no plan yet; run `bench run SCENARIO` first")
+    ids = sorted({c["eval_job"] for c in cells} | {c["clean_eval_job"] for c in cells})
+    records = store.records(ids)
+    meta = {
+        "scenario": (store.get_meta("scenario") or {}).get("name", store.root.name),
+        "version": __version__,
+        "git_commit": git_commit(),
+        "device": store.get_meta("device", "?"),
+        "store": str(store.root),
+    }
+    return reporting.aggregate(cells, records), meta
+
+
+def render(store: Store, fmt: str = "md") -> str:
+    """The report of ``store`` in ``md``, ``csv`` or ``json``."""
+    rows, meta = report_rows(store)
+    if fmt == "csv":
+        return reporting.to_csv(rows)
+    if fmt == "json":
+        return reporting.to_json(rows, meta)
+    return reporting.to_markdown(rows, meta)
+
+
+def write_report(store: Store, out: Path, fmt: str = "md") -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(store, fmt), encoding="utf-8")
+    return out
+
+
+def open_run(path: str | Path) -> Store:
+    """Open ``runs/<name>`` for reporting."""
+    return open_existing(path)

@@ -1,0 +1,290 @@
+"""Scenario files: the typed schema, loading with file-and-field errors, and grid expansion.
+
+A scenario is one YAML file describing a whole study. Any component or training parameter may be a
+declared grid, ``{grid: [a, b, c]}``, which expands into one concrete component per value (the
+cartesian product when several parameters of one entry are grids). Everything is validated here, before
+any work starts: the schema (pydantic, ``extra="forbid"``), then every concrete component against its
+registered parameter schema, so a typo fails at load time and not in the middle of a run.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bench.errors import BenchError, ComponentParamsError, ScenarioError, UnknownComponentError
+from bench.registry import REGISTRY
+
+GRID_KEY = "grid"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainSpec(_Strict):
+    """How every model of the scenario is trained. Defaults follow the BadPatches paper (SGD, lr 0.1,
+    batch 128, no decay); momentum and weight decay follow the pMoE reference training script."""
+
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    augment: Literal["auto", "none", "crop", "crop_flip"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    eval_batch_size: int = Field(1024, ge=1)
+
+
+class ComponentEntry(BaseModel):
+    """A component by registered name plus its parameters (checked against the registry later)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class AttackEntry(ComponentEntry):
+    """A trigger-based poisoning attack: the trigger's name and parameters, plus how it is applied.
+
+    ``apply: image`` stamps the trigger on the whole image; ``apply: badpatches`` applies it to every
+    patch of the model's routing grid (the BadPatches paper). ``target`` is the all-to-one target label.
+    """
+
+    target: int | dict[str, Any] = 0
+    apply: Literal["image", "badpatches"] | dict[str, Any] = "image"
+
+
+class Scenario(_Strict):
+    """The whole study. See README for every field."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    device: str = "auto"
+    train: dict[str, Any] = Field(default_factory=dict)
+    models: list[ComponentEntry] = Field(min_length=1)
+    datasets: list[ComponentEntry] = Field(min_length=1)
+    attacks: list[AttackEntry] = Field(default_factory=list)
+    poison_rates: list[float] = Field(default_factory=list)
+    plugins: list[str] = Field(default_factory=list)
+
+    @field_validator("poison_rates")
+    @classmethod
+    def _rates_in_range(cls, rates: list[float]) -> list[float]:
+        for i, r in enumerate(rates):
+            if not 0 < r <= 1:
+                raise ValueError(f"[{i}] must be in (0, 1] (a fraction of the training set), got {r}")
+        return rates
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, got {seeds}")
+        return seeds
+
+    @model_validator(mode="after")
+    def _attacks_need_rates(self) -> Scenario:
+        if self.attacks and not self.poison_rates:
+            raise ValueError("attacks are declared but poison_rates is empty; add e.g. poison_rates: [0.05]")
+        return self
+
+
+class ResolvedScenario(BaseModel):
+    """A validated scenario with every grid expanded into concrete, default-filled components."""
+
+    model_config = ConfigDict(frozen=False)
+    scenario: Scenario
+    source: str
+    train: list[dict[str, Any]]
+    models: list[dict[str, Any]]
+    datasets: list[dict[str, Any]]
+    attacks: list[dict[str, Any]]
+
+    @property
+    def name(self) -> str:
+        return self.scenario.name
+
+
+def expand_grid(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every concrete dict from ``entry`` where each ``{grid: [...]}`` value takes each of its values.
+
+    >>> expand_grid({"a": {"grid": [1, 2]}, "b": 3})
+    [{'a': 1, 'b': 3}, {'a': 2, 'b': 3}]
+    """
+    keys = [k for k, v in entry.items() if _is_grid(v)]
+    if not keys:
+        return [copy.deepcopy(entry)]
+    out = []
+    for values in itertools.product(*(entry[k][GRID_KEY] for k in keys)):
+        concrete = copy.deepcopy(entry)
+        concrete.update(dict(zip(keys, values, strict=True)))
+        out.append(concrete)
+    return out
+
+
+def _is_grid(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {GRID_KEY}
+
+
+def _check_grids(entry: dict[str, Any], where: str) -> None:
+    for key, value in entry.items():
+        if isinstance(value, dict) and GRID_KEY in value:
+            if set(value) != {GRID_KEY}:
+                extra = sorted(set(value) - {GRID_KEY})
+                raise ScenarioError(f"{where}.{key}: a grid is written {{grid: [v1, v2, ...]}}; unexpected keys {extra}")
+            if not isinstance(value[GRID_KEY], list) or not value[GRID_KEY]:
+                raise ScenarioError(f"{where}.{key}.grid: must be a non-empty list of values, got {value[GRID_KEY]!r}")
+
+
+def format_loc(loc: tuple[Any, ...]) -> str:
+    """pydantic location -> ``attacks[1].size``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _validation_message(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        path = format_loc(err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{path}: unknown field")
+        elif err["type"] == "missing":
+            lines.append(f"{path}: required field is missing")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict | list) else f", got {got!r}"
+            lines.append(f"{path}: {msg}{shown}")
+    return "; ".join(lines)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Parse a YAML file safely; syntax errors name the file, line and column."""
+    if not path.is_file():
+        raise ScenarioError(f"{path}: scenario file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ScenarioError(f"{path}{where}: YAML syntax error: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScenarioError(f"{path}: cannot read the scenario: {exc}") from None
+    if not isinstance(data, dict):
+        raise ScenarioError(f"{path}: a scenario is a YAML mapping (name:, models:, datasets:, ...), got {type(data).__name__}")
+    return data
+
+
+def load(path: str | Path, extra_plugins: list[str] | None = None) -> ResolvedScenario:
+    """Read, validate and expand a scenario file. Every error names the file and the field."""
+    path = Path(path)
+    raw = read_yaml(path)
+    return resolve(raw, source=str(path), base_dir=path.parent, extra_plugins=extra_plugins)
+
+
+def resolve(
+    raw: dict[str, Any], source: str = "<scenario>", base_dir: Path | None = None, extra_plugins: list[str] | None = None
+) -> ResolvedScenario:
+    """Validate a scenario given as a dict (``source`` names it in errors) and expand its grids."""
+    try:
+        scenario = Scenario.model_validate(raw)
+    except ValidationError as exc:
+        raise ScenarioError(f"{source}: {_validation_message(exc)}") from None
+    try:
+        from bench.plugins import load_plugins
+
+        load_plugins([*scenario.plugins, *(extra_plugins or [])], base_dir=base_dir, source=source)
+        train = _resolve_train(scenario.train)
+        models = _resolve_components("model", "models", scenario.models)
+        datasets = _resolve_components("dataset", "datasets", scenario.datasets)
+        attacks = _resolve_attacks(scenario.attacks)
+    except (ComponentParamsError, UnknownComponentError, ScenarioError) as exc:
+        raise ScenarioError(f"{source}: {exc}") from None
+    except BenchError:
+        raise
+    return ResolvedScenario(
+        scenario=scenario, source=source, train=train, models=models, datasets=datasets, attacks=attacks
+    )
+
+
+def _resolve_train(train: dict[str, Any]) -> list[dict[str, Any]]:
+    _check_grids(train, "train")
+    out = []
+    for concrete in expand_grid(train):
+        try:
+            out.append(TrainSpec.model_validate(concrete).model_dump())
+        except ValidationError as exc:
+            raise ScenarioError(_prefix(exc, "train")) from None
+    return _unique(out)
+
+
+def _prefix(exc: ValidationError, where: str) -> str:
+    parts = []
+    for part in _validation_message(exc).split("; "):
+        parts.append(f"{where}.{part}")
+    return "; ".join(parts)
+
+
+def _resolve_components(kind: str, field: str, entries: list[ComponentEntry]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for i, entry in enumerate(entries):
+        where = f"{field}[{i}]"
+        params = entry.model_dump(exclude={"name"})
+        _check_grids(params, where)
+        comp = _get_component(kind, entry.name, f"{where}.name")
+        for concrete in expand_grid(params):
+            out.append({"name": comp.name, **comp.validate(concrete, where)})
+    return _unique(out)
+
+
+def _resolve_attacks(entries: list[AttackEntry]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for i, entry in enumerate(entries):
+        where = f"attacks[{i}]"
+        params = entry.model_dump(exclude={"name"})
+        _check_grids(params, where)
+        comp = _get_component("trigger", entry.name, f"{where}.name")
+        for concrete in expand_grid(params):
+            target, apply = concrete.pop("target"), concrete.pop("apply")
+            if not isinstance(target, int) or isinstance(target, bool) or target < 0:
+                raise ScenarioError(f"{where}.target: must be a class label >= 0, got {target!r}")
+            if apply not in ("image", "badpatches"):
+                raise ScenarioError(f"{where}.apply: must be 'image' or 'badpatches', got {apply!r}")
+            params_v = comp.validate(concrete, where)
+            out.append({"name": comp.name, "target": target, "apply": apply, "params": params_v})
+    return _unique(out)
+
+
+def _get_component(kind: str, name: str, where: str) -> Any:
+    try:
+        return REGISTRY.get(kind, name)
+    except UnknownComponentError as exc:
+        raise ScenarioError(f"{where}: {exc}") from None
+
+
+def _unique(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen: set[str] = set()
+    out = []
+    for item in items:
+        key = json.dumps(item, sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            out.append(item)
+    return out

@@ -1,0 +1,148 @@
+"""End-to-end: the `bench` command on tiny real data (digits), resume, reports, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bench.cli import app
+from tests.conftest import tiny_scenario
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def _run(path: Path, tmp_path: Path, *extra: str):
+    return invoke("run", str(path), "--runs-dir", str(tmp_path / "runs"), "--reports-dir",
+                  str(tmp_path / "reports"), *extra)
+
+
+def _rows(tmp_path: Path, name: str = "tiny") -> int:
+    with sqlite3.connect(tmp_path / "runs" / name / "results.db") as conn:
+        return conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+
+
+def test_run_writes_report_and_second_run_does_nothing(write_scenario, tmp_path):
+    path = write_scenario(tiny_scenario())
+    first = _run(path, tmp_path)
+    assert first.exit_code == 0, first.output
+    assert "ran 4 jobs" in first.output
+    report = (tmp_path / "reports" / "tiny.md").read_text()
+    assert "| attack" in report and "badnets" in report and "clean" in report
+    assert "Leaderboard" in report and "Headline rule" in report
+    second = _run(path, tmp_path)
+    assert second.exit_code == 0
+    assert "ran 0 jobs" in second.output and "4 already done" in second.output
+    assert _rows(tmp_path) == 4
+
+
+def test_changing_one_parameter_reruns_only_its_jobs(write_scenario, tmp_path):
+    assert _run(write_scenario(tiny_scenario()), tmp_path).exit_code == 0
+    changed = _run(write_scenario(tiny_scenario(poison_rates=[0.1, 0.2])), tmp_path)
+    assert changed.exit_code == 0
+    assert "ran 2 jobs" in changed.output  # one train + one evaluate for the new rate
+    fresh = _run(write_scenario(tiny_scenario(poison_rates=[0.1, 0.2])), tmp_path, "--fresh")
+    assert "ran 6 jobs" in fresh.output
+
+
+def test_plan_and_dry_run(write_scenario, tmp_path):
+    path = write_scenario(tiny_scenario(seeds=[0, 1], poison_rates=[0.05, 0.1]))
+    result = invoke("plan", str(path), "--json", "--runs-dir", str(tmp_path / "runs"))
+    assert result.exit_code == 0
+    plan = json.loads(result.stdout)
+    assert plan["cells"] == 6 and plan["jobs"]["train"]["total"] == 6 and plan["jobs"]["train"]["done"] == 0
+    assert all(j["spec"] for j in plan["jobs_detail"])
+    dry = invoke("run", str(path), "--dry-run", "--runs-dir", str(tmp_path / "runs"))
+    assert dry.exit_code == 0 and "train jobs" in dry.output
+    assert not (tmp_path / "runs" / "tiny" / "results.db").exists()  # a dry run computes nothing
+
+
+def test_report_formats(write_scenario, tmp_path):
+    assert _run(write_scenario(tiny_scenario()), tmp_path).exit_code == 0
+    run_dir = str(tmp_path / "runs" / "tiny")
+    as_json = invoke("report", run_dir, "--format", "json")
+    data = json.loads(as_json.stdout)
+    rows = {r["attack"]: r for r in data["rows"]}
+    assert 0 <= rows["badnets"]["asr_mean"] <= 1 and rows["clean"]["ba_n"] == 1
+    assert rows["badnets"]["cad_mean"] == pytest.approx(rows["clean"]["ba_mean"] - rows["badnets"]["ba_mean"])
+    as_csv = invoke("report", run_dir, "--format", "csv")
+    assert as_csv.stdout.splitlines()[0].startswith("dataset,model")
+    out = tmp_path / "r.md"
+    assert invoke("report", run_dir, "--out", str(out)).exit_code == 0 and out.read_text().startswith("# pmoe-bench")
+    assert invoke("report", run_dir, "--format", "xml").exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("name: x\nmodels: [ {name: pmoe\n", "YAML syntax error"),
+        (tiny_scenario(poison_rates=[1.5]), "poison_rates"),
+        (tiny_scenario(models=[{"name": "pmo"}]), "Did you mean 'pmoe'"),
+        (tiny_scenario(attacks=[{"name": "badnets", "target": 10}]), "is not a class of dataset 'digits'"),
+        (tiny_scenario(train={"epochs": "many"}), "train.epochs"),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message(write_scenario, tmp_path, content, expected):
+    path = write_scenario(content)
+    result = _run(path, tmp_path)
+    assert result.exit_code == 2
+    assert expected in result.output and str(path.name) in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_store_and_missing_files_exit_2(tmp_path):
+    assert invoke("run", str(tmp_path / "missing.yaml")).exit_code == 2
+    assert invoke("report", str(tmp_path / "nowhere")).exit_code == 2
+    broken = tmp_path / "runs" / "broken"
+    broken.mkdir(parents=True)
+    (broken / "results.db").write_bytes(b"garbage" * 500)
+    result = invoke("report", str(broken))
+    assert result.exit_code == 2 and "results.db" in result.output
+    assert (broken / "results.db").read_bytes() == b"garbage" * 500  # nothing touched
+
+
+def test_nothing_stored_is_lost_on_a_later_bad_input(write_scenario, tmp_path):
+    assert _run(write_scenario(tiny_scenario()), tmp_path).exit_code == 0
+    assert _run(write_scenario(tiny_scenario(poison_rates=[7])), tmp_path).exit_code == 2
+    assert _rows(tmp_path) == 4
+
+
+def test_killed_run_resumes_losing_at_most_the_job_in_flight(write_scenario, tmp_path):
+    path = write_scenario(tiny_scenario(train={"epochs": 3, "lr": 0.05}, poison_rates=[0.05, 0.1, 0.2]))
+    cmd = [sys.executable, "-m", "bench.cli", "run", str(path), "--runs-dir", str(tmp_path / "runs"),
+           "--reports-dir", str(tmp_path / "reports")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    db = tmp_path / "runs" / "tiny" / "results.db"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if db.exists() and _rows(tmp_path) >= 1:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = _rows(tmp_path)
+    assert 1 <= done_before < 8
+    result = _run(path, tmp_path)
+    assert result.exit_code == 0
+    assert f"ran {8 - done_before} jobs" in result.output and f"{done_before} already done" in result.output
+    assert _rows(tmp_path) == 8
+
+
+def test_plugins_lists_builtins():
+    result = invoke("plugins")
+    assert result.exit_code == 0
+    for name in ("pmoe", "dense", "digits", "badnets", "blend", "wanet"):
+        assert name in result.output
+    assert invoke("plugins", "--kind", "attack").exit_code == 2
