@@ -19,7 +19,8 @@ from bench.models.base import BenchModel
 from bench.plan import Job
 from bench.registry import REGISTRY
 from bench.store import Store
-from bench.train import EpochCallback, fit
+from bench.quant import QuantConfig, attach_qat, quantized
+from bench.train import EpochCallback, cross_entropy, fit
 
 
 @dataclass
@@ -63,20 +64,37 @@ def build_trigger(attack: dict[str, Any], model: BenchModel) -> Trigger:
 
 
 def run_train(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
-    """Train one model (clean, or on a poisoned copy of the training set)."""
+    """Train one model: clean, on a poisoned copy of the training set, under QAT, or with the qcb
+    objective (which builds its own training data and loss from the clean set)."""
     data = ctx.dataset(spec["dataset"])
     torch.manual_seed(spec["seed"])
     model = build_model(spec["model"], data).to(ctx.device)
     x, y = data.train_x, data.train_y
     metrics: dict[str, Any] = {"n_train": int(len(y))}
+    objective, finish = cross_entropy, _no_op
     attack = spec["attack"]
     if attack is not None:
         trigger = build_trigger(attack, model)
-        poisoned = poison_training_set(x, y, trigger, attack["target"], spec["poison_rate"], spec["seed"])
-        x, y = poisoned.x, poisoned.y
-        metrics["n_poisoned"] = int(len(poisoned.indices))
+        if attack.get("objective"):
+            from bench.attacks.qcb import QCBSpec, prepare_qcb
+
+            qcb = prepare_qcb(
+                QCBSpec.model_validate(attack["objective"]), model, x, y, trigger, attack["target"],
+                spec["poison_rate"], spec["seed"],
+            )
+            x, y, objective, finish = qcb.x, qcb.y, qcb.objective, qcb.finish
+        else:
+            poisoned = poison_training_set(x, y, trigger, attack["target"], spec["poison_rate"], spec["seed"])
+            x, y = poisoned.x, poisoned.y
+            metrics["n_poisoned"] = int(len(poisoned.indices))
+    if spec["train"].get("qat_bits") and finish is _no_op:
+        finish = attach_qat(model, qat_config(spec["train"])).remove
     augment = data.augment if spec["train"]["augment"] == "auto" else spec["train"]["augment"]
-    result = fit(model, x, y, spec["train"], seed=spec["seed"], augment=augment, on_epoch=ctx.on_epoch)
+    try:
+        result = fit(model, x, y, spec["train"], seed=spec["seed"], augment=augment, objective=objective,
+                     on_epoch=ctx.on_epoch)
+    finally:
+        finish()
     metrics.update(
         train_seconds=result.seconds,
         images_per_second=result.images_per_second,
@@ -94,8 +112,27 @@ def run_evaluate(spec: dict[str, Any], deps: tuple[str, ...], ctx: JobContext) -
     attack = spec["attack"]
     trigger = build_trigger(attack, model) if attack is not None else None
     target = attack["target"] if attack is not None else None
-    metrics = evaluate(model, data, trigger, target, spec["eval_batch_size"], spec["precision"])
+    quant = spec.get("quant")
+    if quant is None:
+        return JobOutput(evaluate(model, data, trigger, target, spec["eval_batch_size"], spec["precision"]))
+    config = QuantConfig.from_dict({k: v for k, v in quant.items() if k != "label"})
+    if config.scope != "whole" and not any(model.parameter_groups().values()):
+        return JobOutput({"not_applicable": f"scope '{config.scope}' needs a model with routing"})
+    with quantized(model, config):
+        metrics = evaluate(model, data, trigger, target, spec["eval_batch_size"], spec["precision"])
     return JobOutput(metrics)
+
+
+def qat_config(train: dict[str, Any]) -> QuantConfig:
+    """The QAT setting of a resolved train spec."""
+    return QuantConfig(
+        bits=train["qat_bits"], scope=train["qat_scope"], granularity=train["qat_granularity"],
+        symmetric=train["qat_symmetric"],
+    )
+
+
+def _no_op() -> None:
+    return None
 
 
 RUNNERS: dict[str, Callable[[Job, JobContext], JobOutput]] = {

@@ -125,29 +125,37 @@ def build(resolved: ResolvedScenario) -> Plan:
                     fit = {k: v for k, v in train.items() if k not in EVAL_ONLY_TRAIN_KEYS}
                     base = {"dataset": dataset, "model": model, "train": fit, "seed": seed}
                     clean_train = add("train", {**base, "attack": None, "poison_rate": None})
-                    clean_eval = add("evaluate", _eval_spec(dataset, model, None, train), (clean_train,))
                     for attack, rate in attacks:
-                        if attack is None:
-                            train_job, eval_job = clean_train, clean_eval
-                        else:
-                            train_job = add("train", {**base, "attack": attack, "poison_rate": rate})
-                            eval_job = add("evaluate", _eval_spec(dataset, model, attack, train), (train_job,))
-                        plan.cells.append(
-                            Cell(dataset, model, attack, rate, seed, train, train_job, eval_job, clean_eval)
+                        train_job = (
+                            clean_train if attack is None
+                            else add("train", {**base, "attack": attack, "poison_rate": rate})
                         )
+                        for quant in resolved.quant:
+                            clean_eval = add("evaluate", _eval_spec(dataset, model, None, train, quant), (clean_train,))
+                            eval_job = (
+                                clean_eval if attack is None
+                                else add("evaluate", _eval_spec(dataset, model, attack, train, quant), (train_job,))
+                            )
+                            plan.cells.append(
+                                Cell(dataset, model, attack, rate, seed, train, train_job, eval_job, clean_eval, quant)
+                            )
     order = {"train": 0, "evaluate": 1}
     plan.jobs = sorted(jobs.values(), key=lambda j: order.get(j.kind, 9))
     return plan
 
 
 def _eval_spec(
-    dataset: dict[str, Any], model: dict[str, Any], attack: dict[str, Any] | None, train: dict[str, Any]
+    dataset: dict[str, Any],
+    model: dict[str, Any],
+    attack: dict[str, Any] | None,
+    train: dict[str, Any],
+    quant: dict[str, Any],
 ) -> dict[str, Any]:
     return {
         "dataset": dataset,
         "model": model,
         "attack": attack,
-        "quant": None,
+        "quant": None if quant["label"] == "fp32" else quant,
         "eval_batch_size": train["eval_batch_size"],
         "precision": train["precision"],
     }

@@ -62,25 +62,33 @@ class Row:
         return out
 
 
+def _flat(spec: dict[str, Any]) -> dict[str, Any]:
+    """A component spec as one flat dict: trigger params inline, nested blocks as dotted keys."""
+    out: dict[str, Any] = {}
+    for key, value in spec.items():
+        if key == "params" and isinstance(value, dict):
+            out.update(_flat(value))
+        elif isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in _flat(value).items()})
+        else:
+            out[key] = value
+    return out
+
+
 def component_label(spec: dict[str, Any] | None, varying: set[str]) -> str:
     """``name`` plus the parameters that vary between the scenario's components of that kind."""
     if spec is None:
         return "clean"
-    flat = dict(spec.get("params", {}))
-    flat.update({k: v for k, v in spec.items() if k not in ("name", "params")})
-    extras = [f"{k}={flat[k]}" for k in sorted(varying) if k in flat and k != "name"]
-    return spec["name"] + (f" ({', '.join(extras)})" if extras else "")
+    flat = _flat(spec)
+    name = spec["name"] + ("+qcb" if spec.get("objective") else "")
+    extras = [f"{k.removeprefix('objective.')}={flat[k]}" for k in sorted(varying)
+              if k in flat and k not in ("name", "objective.name")]
+    return name + (f" ({', '.join(extras)})" if extras else "")
 
 
 def varying_keys(specs: list[dict[str, Any] | None]) -> set[str]:
     """Parameter names whose value differs between two of ``specs`` (the ones worth showing)."""
-    flats = []
-    for spec in specs:
-        if spec is None:
-            continue
-        flat = dict(spec.get("params", {}))
-        flat.update({k: v for k, v in spec.items() if k != "params"})
-        flats.append(flat)
+    flats = [_flat(spec) for spec in specs if spec is not None]
     keys = {k for f in flats for k in f}
     out = set()
     for k in keys:
@@ -116,6 +124,8 @@ def aggregate(cells: list[dict[str, Any]], records: dict[str, JobRecord]) -> lis
             clean = records.get(cell["clean_eval_job"])
             if rec is None:
                 missing += 1
+                continue
+            if "not_applicable" in rec.metrics:
                 continue
             ba.append(rec.metrics["ba"])
             if "asr" in rec.metrics:
@@ -218,9 +228,69 @@ def to_markdown(rows: list[Row], meta: dict[str, Any], pictures: list[str] | Non
             ])
         headers = ["rank", "dataset", "model", "attack", "lowest rate", "ASR there", "CAD there", "best ASR"]
         lines += [tabulate(table, headers=headers, tablefmt="github"), ""]
+    lines += quantization_tables(rows)
     for picture in pictures or []:
         lines += [f"![{picture}]({picture})", ""]
     return "\n".join(lines)
+
+
+def _bits(label: str) -> str:
+    return label.split("/")[0]
+
+
+def _variant(label: str) -> str:
+    return label.split("/", 1)[1] if "/" in label else "-"
+
+
+def _bits_order(bits: str) -> tuple[int, int]:
+    return (0, 0) if bits == "fp32" else (1, -int(bits.removeprefix("int")))
+
+
+def quantization_tables(rows: list[Row]) -> list[str]:
+    """The quantized-backdoor paper's layouts, when the scenario has a quantization axis.
+
+    * Accuracy under quantization (its Table 1): clean models per training setting (QAT rows included)
+      and PTQ config -> BA and the change against the same model at fp32.
+    * Dormancy: per attack and poison rate, BA / ASR at fp32 and every bit-width, one line per scope
+      and variant; a dormant backdoor shows a low ASR at fp32 and a high one at its target bits.
+    """
+    if all(r.quant == "fp32" for r in rows):
+        return []
+    lines = ["## Accuracy under quantization", "",
+             "Clean models. PTQ: post-training quantization of the trained weights (Eq. 2); "
+             "train: the training setting (qat_bits = quantization-aware training). Δ: BA change against fp32.", ""]
+    fp32 = {(r.dataset, r.model, r.train, r.defense, r.attack, r.poison_rate): r for r in rows if r.quant == "fp32"}
+    table = []
+    for r in rows:
+        if r.attack != "clean" or not r.ba.n:
+            continue
+        ref = fp32.get((r.dataset, r.model, r.train, r.defense, r.attack, r.poison_rate))
+        delta = "-" if ref is None or not ref.ba.n or r.quant == "fp32" else f"{(r.ba.mean - ref.ba.mean) * 100:+.2f}"
+        table.append([r.dataset, r.model, r.train, r.quant, r.ba.fmt(scale=100, digits=2), delta])
+    lines += [tabulate(table, headers=["dataset", "model", "train", "PTQ", "BA", "Δ vs fp32"], tablefmt="github"), ""]
+
+    bits = sorted({_bits(r.quant) for r in rows}, key=_bits_order)
+    lines += ["## Dormancy", "",
+              "BA / ASR (%) of each attacked model at fp32 and after PTQ at each bit-width, per scope and variant. "
+              "Dormancy gap = ASR at the target bit-width - ASR at fp32.", ""]
+    cells: dict[tuple[Any, ...], dict[str, Row]] = defaultdict(dict)
+    for r in rows:
+        if r.attack == "clean":
+            continue
+        key = (r.dataset, r.model, r.train, r.defense, r.attack, r.poison_rate)
+        cells[key][r.quant] = r
+    table = []
+    for (dataset, model, _train, _defense, attack, rate), by_quant in cells.items():
+        base = by_quant.get("fp32")
+        for variant in sorted({_variant(q) for q in by_quant if q != "fp32"}):
+            line = [dataset, model, attack, _pct(rate), variant]
+            for b in bits:
+                r = base if b == "fp32" else by_quant.get(f"{b}/{variant}")
+                line.append("-" if r is None or not r.ba.n else f"{r.ba.mean * 100:.1f} / {r.asr.mean * 100:.1f}")
+            table.append(line)
+    headers = ["dataset", "model", "attack", "poison rate", "scope/variant", *bits]
+    lines += [tabulate(table, headers=headers, tablefmt="github"), ""]
+    return lines
 
 
 def to_csv(rows: list[Row]) -> str:

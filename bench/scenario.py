@@ -44,6 +44,33 @@ class TrainSpec(_Strict):
     channels_last: bool = False
     compile: bool = False
     eval_batch_size: int = Field(1024, ge=1)
+    qat_bits: int | None = Field(None, ge=2, le=16)
+    qat_scope: Literal["gate", "experts", "whole"] = "whole"
+    qat_granularity: Literal["tensor", "channel"] = "tensor"
+    qat_symmetric: bool = False
+
+
+class QuantizationSpec(_Strict):
+    """The PTQ axis: every trained (and defended) model is evaluated at every combination, no retraining.
+
+    ``bits`` takes integers 2..16 or ``fp32``; fp32 is always evaluated (it is the reference)."""
+
+    bits: list[int | Literal["fp32"]] = Field(default_factory=lambda: ["fp32"], min_length=1)
+    scopes: list[Literal["gate", "experts", "whole"]] = Field(default_factory=lambda: ["whole"], min_length=1)
+    granularity: list[Literal["tensor", "channel"]] = Field(default_factory=lambda: ["tensor"], min_length=1)
+    symmetric: list[bool] = Field(default_factory=lambda: [False], min_length=1)
+    activations: bool = False
+
+    def configs(self) -> list[dict[str, Any]]:
+        """Every quantization config as a dict (with its label); fp32 first and only once."""
+        from bench.quant import QuantConfig
+
+        out: dict[str, dict[str, Any]] = {"fp32": {**QuantConfig().to_dict(), "label": "fp32"}}
+        for bits, scope, gran, sym in itertools.product(self.bits, self.scopes, self.granularity, self.symmetric):
+            cfg = QuantConfig(bits=None if bits == "fp32" else bits, scope=scope, granularity=gran, symmetric=sym,
+                              activations=self.activations)
+            out.setdefault(cfg.label, {**cfg.to_dict(), "label": cfg.label})
+        return list(out.values())
 
 
 class ComponentEntry(BaseModel):
@@ -62,6 +89,7 @@ class AttackEntry(ComponentEntry):
 
     target: int | dict[str, Any] = 0
     apply: Literal["image", "badpatches"] | dict[str, Any] = "image"
+    objective: dict[str, Any] | None = None
 
 
 class Scenario(_Strict):
@@ -76,6 +104,7 @@ class Scenario(_Strict):
     datasets: list[ComponentEntry] = Field(min_length=1)
     attacks: list[AttackEntry] = Field(default_factory=list)
     poison_rates: list[float] = Field(default_factory=list)
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
     plugins: list[str] = Field(default_factory=list)
 
     @field_validator("poison_rates")
@@ -110,6 +139,7 @@ class ResolvedScenario(BaseModel):
     models: list[dict[str, Any]]
     datasets: list[dict[str, Any]]
     attacks: list[dict[str, Any]]
+    quant: list[dict[str, Any]]
 
     @property
     def name(self) -> str:
@@ -220,7 +250,8 @@ def resolve(
     except BenchError:
         raise
     return ResolvedScenario(
-        scenario=scenario, source=source, train=train, models=models, datasets=datasets, attacks=attacks
+        scenario=scenario, source=source, train=train, models=models, datasets=datasets, attacks=attacks,
+        quant=scenario.quantization.configs(),
     )
 
 
@@ -258,18 +289,40 @@ def _resolve_attacks(entries: list[AttackEntry]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for i, entry in enumerate(entries):
         where = f"attacks[{i}]"
-        params = entry.model_dump(exclude={"name"})
+        params = entry.model_dump(exclude={"name", "objective"})
         _check_grids(params, where)
         comp = _get_component("trigger", entry.name, f"{where}.name")
-        for concrete in expand_grid(params):
+        objectives = _resolve_objective(entry.objective, f"{where}.objective")
+        for concrete, objective in itertools.product(expand_grid(params), objectives):
             target, apply = concrete.pop("target"), concrete.pop("apply")
             if not isinstance(target, int) or isinstance(target, bool) or target < 0:
                 raise ScenarioError(f"{where}.target: must be a class label >= 0, got {target!r}")
             if apply not in ("image", "badpatches"):
                 raise ScenarioError(f"{where}.apply: must be 'image' or 'badpatches', got {apply!r}")
             params_v = comp.validate(concrete, where)
-            out.append({"name": comp.name, "target": target, "apply": apply, "params": params_v})
+            attack = {"name": comp.name, "target": target, "apply": apply, "params": params_v}
+            if objective is not None:
+                attack["objective"] = objective
+            out.append(attack)
     return _unique(out)
+
+
+def _resolve_objective(objective: dict[str, Any] | None, where: str) -> list[dict[str, Any] | None]:
+    """The attack's training objective: None (plain poisoning) or a validated ``qcb`` block per grid point."""
+    if objective is None:
+        return [None]
+    if objective.get("name") != "qcb":
+        raise ScenarioError(f"{where}.name: the only training objective is 'qcb', got {objective.get('name')!r}")
+    from bench.attacks.qcb import QCBSpec
+
+    _check_grids(objective, where)
+    out: list[dict[str, Any] | None] = []
+    for concrete in expand_grid(objective):
+        try:
+            out.append(QCBSpec.model_validate(concrete).model_dump())
+        except ValidationError as exc:
+            raise ScenarioError(_prefix(exc, where)) from None
+    return out
 
 
 def _get_component(kind: str, name: str, where: str) -> Any:
