@@ -147,7 +147,7 @@ def run(
         f"ran {len(s.ran)} jobs in {s.seconds:.1f} s ({s.skipped} already done); "
         f"report: [bold]{outcome.report_path}[/]"
     )
-    out.print(runner.render(outcome.store, "md"), markup=False, highlight=False)
+    typer.echo(runner.render(outcome.store, "md"))
 
 
 @app.command()

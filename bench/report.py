@@ -87,15 +87,17 @@ def component_label(spec: dict[str, Any] | None, varying: set[str]) -> str:
 
 
 def varying_keys(specs: list[dict[str, Any] | None]) -> set[str]:
-    """Parameter names whose value differs between two of ``specs`` (the ones worth showing)."""
-    flats = [_flat(spec) for spec in specs if spec is not None]
-    keys = {k for f in flats for k in f}
+    """Parameter names whose value differs between two ``specs`` of the same name (worth showing)."""
+    by_name: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for spec in specs:
+        if spec is not None:
+            by_name[str(spec.get("name", ""))].append(_flat(spec))
     out = set()
-    for k in keys:
-        values = {json.dumps(f.get(k), sort_keys=True, default=str) for f in flats}
-        if len(values) > 1:
-            out.add(k)
-    if any(f.get("apply") == "badpatches" for f in flats):
+    for flats in by_name.values():
+        for k in {k for f in flats for k in f}:
+            if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats}) > 1:
+                out.add(k)
+    if any(f.get("apply") == "badpatches" for flats in by_name.values() for f in flats):
         out.add("apply")
     return out
 
@@ -197,7 +199,8 @@ def to_markdown(rows: list[Row], meta: dict[str, Any], pictures: list[str] | Non
     lines.append("")
     groups: dict[tuple[str, ...], list[Row]] = defaultdict(list)
     for row in rows:
-        groups[(row.dataset, row.model, row.train, row.quant, row.defense)].append(row)
+        if row.quant == "fp32":  # quantized results have their own tables below
+            groups[(row.dataset, row.model, row.train, row.quant, row.defense)].append(row)
     for (dataset, model, train, quant, defense), members in groups.items():
         title = f"## {dataset} · {model}"
         for name, value, default in (("train", train, "-"), ("quantization", quant, "fp32"), ("defense", defense, "-")):
@@ -214,7 +217,7 @@ def to_markdown(rows: list[Row], meta: dict[str, Any], pictures: list[str] | Non
             headers.append("note")
             table = [t + [""] * (len(headers) - len(t)) for t in table]
         lines += [tabulate(table, headers=headers, tablefmt="github"), ""]
-    board = leaderboard(rows)
+    board = leaderboard([r for r in rows if r.quant == "fp32"])
     if board:
         lines += ["## Leaderboard", "", f"Headline rule: {HEADLINE_RULE}.", ""]
         table = []
