@@ -14,6 +14,7 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tabulate import tabulate
@@ -47,6 +48,7 @@ class Row:
     cad: Summary
     seeds: int
     missing: int
+    key: dict[str, Any] | None = None  # raw names (dataset, model, trigger, apply) to match references
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -135,9 +137,15 @@ def aggregate(cells: list[dict[str, Any]], records: dict[str, JobRecord]) -> lis
                 ra.append(rec.metrics["ra"])
             if clean is not None and cell["attack"] is not None:
                 cad.append(clean.metrics["ba"] - rec.metrics["ba"])
+        first = members[0]
+        raw = {
+            "dataset": first["dataset"]["name"], "model": first["model"]["name"],
+            "attack": first["attack"]["name"] if first["attack"] else None,
+            "apply": first["attack"]["apply"] if first["attack"] else None,
+        }
         rows.append(
             Row(*key, ba=summarize(ba), asr=summarize(asr), ra=summarize(ra), cad=summarize(cad),
-                seeds=len(members), missing=missing)
+                seeds=len(members), missing=missing, key=raw)
         )
     rows.sort(key=lambda r: (r.dataset, r.model, r.train, r.quant, r.defense, r.attack != "clean", r.attack,
                              r.poison_rate or 0.0))
@@ -232,9 +240,44 @@ def to_markdown(rows: list[Row], meta: dict[str, Any], pictures: list[str] | Non
         headers = ["rank", "dataset", "model", "attack", "lowest rate", "ASR there", "CAD there", "best ASR"]
         lines += [tabulate(table, headers=headers, tablefmt="github"), ""]
     lines += quantization_tables(rows)
-    for picture in pictures or []:
-        lines += [f"![{picture}]({picture})", ""]
+    lines += reference_table(rows, meta.get("reference"))
+    if pictures:
+        lines += ["## Triggers", "", "Clean test images beside each attack's triggered version, over the model's "
+                  "patch grid; the lower rows show |x' - x| scaled to its maximum.", ""]
+        for picture in pictures:
+            lines += [f"![{Path(picture).stem}]({picture})", ""]
     return "\n".join(lines)
+
+
+def reference_table(rows: list[Row], reference: dict[str, Any] | None) -> list[str]:
+    """Ours beside the published values of the scenario's ``reference`` block, cell by cell (fp32)."""
+    if not reference or not reference.get("values"):
+        return []
+    table = []
+    for ref in reference["values"]:
+        match = [
+            r for r in rows
+            if r.quant == "fp32" and r.defense == "-" and r.key and r.key["dataset"] == ref["dataset"]
+            and r.key["attack"] == ref["attack"] and r.key["apply"] == ref.get("apply", "image")
+            and r.poison_rate is not None and math.isclose(r.poison_rate, ref["poison_rate"])
+            and (ref.get("model") in (None, r.key["model"]))
+        ]
+        line: list[Any] = [ref["dataset"], ref["attack"], ref.get("apply", "image"), _pct(ref["poison_rate"])]
+        for metric in ("asr", "ba", "cad"):
+            theirs = ref.get(metric)
+            ours: Summary | None = getattr(match[0], metric) if match else None
+            ours_v = ours.mean * 100 if ours is not None and ours.n else None
+            line += [
+                "-" if ours_v is None else f"{ours_v:.1f}",
+                "-" if theirs is None else f"{theirs:.1f}",
+                "-" if ours_v is None or theirs is None else f"{ours_v - theirs:+.1f}",
+            ]
+        table.append(line)
+    headers = ["dataset", "trigger", "apply", "poison rate", "ASR ours", "ASR theirs", "Δ", "BA ours",
+               "BA theirs", "Δ", "CAD ours", "CAD theirs", "Δ"]
+    return [f"## Published values: {reference.get('source', '')}", "",
+            "Ours (mean over seeds, fp32, no defense) beside the published numbers; Δ = ours - theirs, in points.",
+            "", tabulate(table, headers=headers, tablefmt="github"), ""]
 
 
 def _bits(label: str) -> str:

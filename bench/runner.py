@@ -5,10 +5,13 @@ The CLI is a thin skin over these functions; tests and notebooks call them direc
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from bench import __version__
 from bench import plan as planning
@@ -52,6 +55,41 @@ def check_data(prepared: Prepared, ctx: JobContext) -> None:
                 )
 
 
+PICTURE_IMAGES = 4
+
+
+def trigger_pictures(prepared: Prepared, ctx: JobContext, out_dir: Path) -> list[Path]:
+    """One PNG per data set x model: clean test images beside every attack's triggered version
+    (like Figures 2 and 3 of the BadPatches paper), drawn over the model's patch grid."""
+    from bench.attacks.pictures import trigger_grid_png
+    from bench.jobs import build_model, build_trigger
+
+    written = []
+    if not prepared.resolved.attacks:
+        return written
+    for dataset in prepared.resolved.datasets:
+        data = ctx.dataset(dataset)
+        gen = torch.Generator().manual_seed(0)
+        pick = torch.randperm(len(data.test_y), generator=gen)[:PICTURE_IMAGES].to(data.test_x.device)
+        for m_index, model_spec in enumerate(prepared.resolved.models):
+            model = build_model(model_spec, data)
+            triggers = {}
+            for attack in prepared.resolved.attacks:
+                label = f"{attack['name']} ({attack['apply']})"
+                if label in triggers:
+                    label = f"{label} #{len(triggers) + 1}"
+                try:
+                    triggers[label] = build_trigger(attack, model)
+                except BenchError:
+                    continue  # e.g. badpatches on a model without a routing grid
+            if not triggers:
+                continue
+            path = out_dir / f"triggers-{dataset['name']}-{model_spec['name']}-{m_index}.png"
+            title = f"{dataset['name']} / {model_spec['name']}: clean vs triggered"
+            written.append(trigger_grid_png(data.test_x[pick].cpu(), triggers, path, model.patch_grid, title))
+    return written
+
+
 @dataclass
 class RunOutcome:
     summary: ExecutionSummary
@@ -81,6 +119,8 @@ def run(
     store.set_meta("device", str(dev))
     ctx = JobContext(store, dev)
     check_data(prepared, ctx)
+    pictures = trigger_pictures(prepared, ctx, Path(reports_dir) / prepared.resolved.name)
+    store.set_meta("pictures", [str(p.resolve()) for p in pictures])
     summary = execute(prepared.plan, store, dev, reporter, ctx=ctx)
     report_path = write_report(store, Path(reports_dir) / f"{prepared.resolved.name}.md")
     return RunOutcome(summary, report_path, store)
@@ -93,8 +133,10 @@ def report_rows(store: Store) -> tuple[list[reporting.Row], dict[str, Any]]:
         raise BenchError(f"{store.root}: this store holds no plan yet; run `bench run SCENARIO` first")
     ids = sorted({c["eval_job"] for c in cells} | {c["clean_eval_job"] for c in cells})
     records = store.records(ids)
+    scenario = store.get_meta("scenario") or {}
     meta = {
-        "scenario": (store.get_meta("scenario") or {}).get("name", store.root.name),
+        "scenario": scenario.get("name", store.root.name),
+        "reference": scenario.get("reference"),
         "version": __version__,
         "git_commit": git_commit(),
         "device": store.get_meta("device", "?"),
@@ -103,19 +145,28 @@ def report_rows(store: Store) -> tuple[list[reporting.Row], dict[str, Any]]:
     return reporting.aggregate(cells, records), meta
 
 
-def render(store: Store, fmt: str = "md") -> str:
+def render(store: Store, fmt: str = "md", relative_to: Path | None = None) -> str:
     """The report of ``store`` in ``md``, ``csv`` or ``json``."""
     rows, meta = report_rows(store)
     if fmt == "csv":
         return reporting.to_csv(rows)
     if fmt == "json":
         return reporting.to_json(rows, meta)
-    return reporting.to_markdown(rows, meta)
+    return reporting.to_markdown(rows, meta, pictures=_relative_pictures(store, relative_to))
+
+
+def _relative_pictures(store: Store, relative_to: Path | None) -> list[str]:
+    out = []
+    for picture in store.get_meta("pictures", []):
+        path = Path(picture)
+        if path.exists():
+            out.append(os.path.relpath(path, relative_to) if relative_to is not None else str(path))
+    return out
 
 
 def write_report(store: Store, out: Path, fmt: str = "md") -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(store, fmt), encoding="utf-8")
+    out.write_text(render(store, fmt, relative_to=out.parent.resolve()), encoding="utf-8")
     return out
 
 

@@ -92,6 +92,27 @@ class AttackEntry(ComponentEntry):
     objective: dict[str, Any] | None = None
 
 
+class ReferenceValue(_Strict):
+    """A published number for one cell, in percent as papers print them (matched on dataset, trigger
+    name, apply mode and poison rate; ``model`` narrows the match when given)."""
+
+    dataset: str
+    attack: str
+    apply: Literal["image", "badpatches"] = "image"
+    poison_rate: float = Field(gt=0, le=1)
+    model: str | None = None
+    asr: float | None = None
+    ba: float | None = None
+    cad: float | None = None
+
+
+class Reference(_Strict):
+    """Published values the report shows beside ours (e.g. the BadPatches paper's Tables 1-2)."""
+
+    source: str
+    values: list[ReferenceValue] = Field(default_factory=list)
+
+
 class Scenario(_Strict):
     """The whole study. See README for every field."""
 
@@ -105,6 +126,7 @@ class Scenario(_Strict):
     attacks: list[AttackEntry] = Field(default_factory=list)
     poison_rates: list[float] = Field(default_factory=list)
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
+    reference: Reference | None = None
     plugins: list[str] = Field(default_factory=list)
 
     @field_validator("poison_rates")
