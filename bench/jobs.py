@@ -25,10 +25,12 @@ from bench.train import EpochCallback, cross_entropy, fit
 
 @dataclass
 class JobOutput:
-    """A finished job's metrics and, if it produced a model, its weights."""
+    """A finished job's metrics and, if it produced a model, its weights (``stages``: one model per
+    named stage, for defenses)."""
 
     metrics: dict[str, Any]
     state: dict[str, torch.Tensor] | None = None
+    stages: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -38,6 +40,9 @@ class JobContext:
     store: Store
     device: torch.device
     on_epoch: EpochCallback | None = None
+    #: Called after every training epoch with the model and the train job's spec (searches use it to
+    #: report intermediate values; raising from it, e.g. optuna.TrialPruned, stops the job unrecorded).
+    model_hook: Callable[[BenchModel, dict[str, Any], int, int], None] | None = None
     _data: dict[str, TensorData] = field(default_factory=dict)
 
     def dataset(self, spec: dict[str, Any]) -> TensorData:
@@ -90,9 +95,15 @@ def run_train(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
     if spec["train"].get("qat_bits") and finish is _no_op:
         finish = attach_qat(model, qat_config(spec["train"])).remove
     augment = data.augment if spec["train"]["augment"] == "auto" else spec["train"]["augment"]
+    def on_epoch(epoch: int, epochs: int, loss: float) -> None:
+        if ctx.on_epoch is not None:
+            ctx.on_epoch(epoch, epochs, loss)
+        if ctx.model_hook is not None:
+            ctx.model_hook(model, spec, epoch, epochs)
+
     try:
         result = fit(model, x, y, spec["train"], seed=spec["seed"], augment=augment, objective=objective,
-                     on_epoch=ctx.on_epoch)
+                     on_epoch=on_epoch)
     finally:
         finish()
     metrics.update(
@@ -108,7 +119,7 @@ def run_evaluate(spec: dict[str, Any], deps: tuple[str, ...], ctx: JobContext) -
     """Evaluate a stored model: BA, and ASR/RA for its attack."""
     data = ctx.dataset(spec["dataset"])
     model = build_model(spec["model"], data).to(ctx.device)
-    model.load_state_dict(ctx.store.load_state(deps[0]))
+    model.load_state_dict(ctx.store.load_state(deps[0], spec.get("stage")))
     attack = spec["attack"]
     trigger = build_trigger(attack, model) if attack is not None else None
     target = attack["target"] if attack is not None else None
@@ -121,6 +132,40 @@ def run_evaluate(spec: dict[str, Any], deps: tuple[str, ...], ctx: JobContext) -
     with quantized(model, config):
         metrics = evaluate(model, data, trigger, target, spec["eval_batch_size"], spec["precision"])
     return JobOutput(metrics)
+
+
+def run_defend(spec: dict[str, Any], deps: tuple[str, ...], ctx: JobContext) -> JobOutput:
+    """Apply a defense to a stored attacked model (never retraining the attack); keep every stage."""
+    from bench.defenses.base import DefenseContext
+
+    data = ctx.dataset(spec["dataset"])
+    model = build_model(spec["model"], data).to(ctx.device)
+    model.load_state_dict(ctx.store.load_state(deps[0]))
+    params = {k: v for k, v in spec["defense"].items() if k != "name"}
+    defense = REGISTRY.get("defense", spec["defense"]["name"]).create(**params)
+    clean_x, clean_y = defender_data(data, params.get("budget", 0.05), spec["seed"])
+    attack = spec["attack"]
+    augment = data.augment if spec["train"]["augment"] == "auto" else spec["train"]["augment"]
+    dctx = DefenseContext(
+        clean_x=clean_x, clean_y=clean_y, train_cfg=spec["train"], seed=spec["seed"],
+        num_classes=data.num_classes, augment=augment, on_epoch=ctx.on_epoch,
+        trigger=build_trigger(attack, model) if attack else None, target=attack["target"] if attack else None,
+        test_x=data.test_x, test_y=data.test_y,
+    )
+    out = JobOutput({"n_defender": int(len(clean_y))})
+    for stage in defense.run(model, dctx):
+        out.metrics[stage.name] = stage.metrics
+        if stage.state is not None:
+            out.stages[stage.name] = stage.state
+    return out
+
+
+def defender_data(data: TensorData, budget: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The defender's clean data: a ``budget`` fraction of the clean training set, drawn with ``seed``."""
+    n = max(1, round(budget * len(data.train_y)))
+    gen = torch.Generator().manual_seed(10_007 + seed)
+    idx = torch.randperm(len(data.train_y), generator=gen)[:n].to(data.train_x.device)
+    return data.train_x[idx], data.train_y[idx]
 
 
 def qat_config(train: dict[str, Any]) -> QuantConfig:
@@ -138,6 +183,7 @@ def _no_op() -> None:
 RUNNERS: dict[str, Callable[[Job, JobContext], JobOutput]] = {
     "train": lambda job, ctx: run_train(job.spec, ctx),
     "evaluate": lambda job, ctx: run_evaluate(job.spec, job.deps, ctx),
+    "defend": lambda job, ctx: run_defend(job.spec, job.deps, ctx),
 }
 
 

@@ -5,7 +5,9 @@ later quantization config and defense). A *job* is a unit of work with a fully r
 hash of its kind, spec and inputs, so two cells that need the same training share one job, a finished
 job is never recomputed, and changing one parameter reruns only the jobs whose spec it touches.
 
-Graph: ``train -> evaluate``. Every (dataset, model, seed, train setting) also gets a clean training job
+Graph: ``train -> evaluate`` and ``train -> defend -> evaluate`` (one evaluation per defense stage that
+produces a model, e.g. fine-pruning's "pruned" and "finetuned"), every evaluation at every quantization
+config. Every (dataset, model, seed, train setting) also gets a clean training job
 (no attack), added by the planner, so CAD can be computed.
 """
 
@@ -16,6 +18,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bench.registry import REGISTRY
 from bench.scenario import ResolvedScenario
 
 JOB_SCHEMA_VERSION = 1
@@ -60,6 +63,7 @@ class Cell:
     clean_eval_job: str
     quant: dict[str, Any] | None = None
     defense: dict[str, Any] | None = None
+    base_eval_job: str | None = None  # the same attacked model before the defense (for DER)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,9 +143,31 @@ def build(resolved: ResolvedScenario) -> Plan:
                             plan.cells.append(
                                 Cell(dataset, model, attack, rate, seed, train, train_job, eval_job, clean_eval, quant)
                             )
-    order = {"train": 0, "evaluate": 1}
+                        if attack is None:
+                            continue
+                        for defense in resolved.defenses:
+                            defend_job = add("defend", {**base, "attack": attack, "poison_rate": rate,
+                                                        "defense": defense}, (train_job,))
+                            for stage in defense_stages(defense["name"]):
+                                for quant in resolved.quant:
+                                    clean_eval = add("evaluate", _eval_spec(dataset, model, None, train, quant),
+                                                     (clean_train,))
+                                    base_eval = add("evaluate", _eval_spec(dataset, model, attack, train, quant),
+                                                    (train_job,))
+                                    stage_spec = {**_eval_spec(dataset, model, attack, train, quant), "stage": stage}
+                                    eval_job = add("evaluate", stage_spec, (defend_job,))
+                                    plan.cells.append(Cell(
+                                        dataset, model, attack, rate, seed, train, train_job, eval_job, clean_eval,
+                                        quant, {**defense, "stage": stage}, base_eval,
+                                    ))
+    order = {"train": 0, "defend": 1, "evaluate": 2}
     plan.jobs = sorted(jobs.values(), key=lambda j: order.get(j.kind, 9))
     return plan
+
+
+def defense_stages(name: str) -> tuple[str, ...]:
+    """The stages of a defense that produce a model to evaluate (declared by the defense class)."""
+    return tuple(getattr(REGISTRY.get("defense", name).factory, "stages", ()))
 
 
 def _eval_spec(

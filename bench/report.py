@@ -20,7 +20,7 @@ from typing import Any
 from tabulate import tabulate
 
 from bench import __version__
-from bench.metrics import Summary, summarize
+from bench.metrics import Summary, defense_effectiveness_rating, summarize
 from bench.store import JobRecord
 
 HEADLINE_ASR = 0.90
@@ -49,6 +49,7 @@ class Row:
     seeds: int
     missing: int
     key: dict[str, Any] | None = None  # raw names (dataset, model, trigger, apply) to match references
+    der: Summary = Summary(float("nan"), float("nan"), 0)  # defended rows: DER against the model before
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -56,7 +57,7 @@ class Row:
             "poison_rate": self.poison_rate, "quant": self.quant, "defense": self.defense,
             "seeds": self.seeds, "missing": self.missing,
         }
-        for name in ("ba", "asr", "ra", "cad"):
+        for name in ("ba", "asr", "ra", "cad", "der"):
             s: Summary = getattr(self, name)
             out[f"{name}_mean"] = None if math.isnan(s.mean) else s.mean
             out[f"{name}_std"] = None if math.isnan(s.std) else s.std
@@ -107,6 +108,9 @@ def varying_keys(specs: list[dict[str, Any] | None]) -> set[str]:
 def aggregate(cells: list[dict[str, Any]], records: dict[str, JobRecord]) -> list[Row]:
     """Group cells over seeds and summarise BA, ASR, RA and CAD (per-seed CAD against the clean model)."""
     labels = {kind: varying_keys([c[kind] for c in cells]) for kind in ("dataset", "model", "train", "attack")}
+    labels["defense"] = varying_keys([
+        {k: v for k, v in c["defense"].items() if k != "stage"} for c in cells if c.get("defense")
+    ])
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
     for cell in cells:
         key = (
@@ -116,16 +120,20 @@ def aggregate(cells: list[dict[str, Any]], records: dict[str, JobRecord]) -> lis
             component_label(cell["attack"], labels["attack"]),
             cell["poison_rate"],
             _quant_label(cell.get("quant")),
-            component_label(cell.get("defense"), set()) if cell.get("defense") else "-",
+            _defense_label(cell.get("defense"), labels["defense"]),
         )
         groups[key].append(cell)
     rows = []
     for key, members in groups.items():
-        ba, asr, ra, cad = [], [], [], []
+        ba, asr, ra, cad, der = [], [], [], [], []
         missing = 0
         for cell in members:
             rec = records.get(cell["eval_job"])
             clean = records.get(cell["clean_eval_job"])
+            before = records.get(cell["base_eval_job"]) if cell.get("base_eval_job") else None
+            if rec is not None and before is not None and "asr" in rec.metrics and "asr" in before.metrics:
+                der.append(defense_effectiveness_rating(
+                    before.metrics["asr"], rec.metrics["asr"], before.metrics["ba"], rec.metrics["ba"]))
             if rec is None:
                 missing += 1
                 continue
@@ -145,11 +153,18 @@ def aggregate(cells: list[dict[str, Any]], records: dict[str, JobRecord]) -> lis
         }
         rows.append(
             Row(*key, ba=summarize(ba), asr=summarize(asr), ra=summarize(ra), cad=summarize(cad),
-                seeds=len(members), missing=missing, key=raw)
+                seeds=len(members), missing=missing, key=raw, der=summarize(der))
         )
     rows.sort(key=lambda r: (r.dataset, r.model, r.train, r.quant, r.defense, r.attack != "clean", r.attack,
                              r.poison_rate or 0.0))
     return rows
+
+
+def _defense_label(defense: dict[str, Any] | None, varying: set[str]) -> str:
+    if not defense:
+        return "-"
+    spec = {k: v for k, v in defense.items() if k != "stage"}
+    return f"{component_label(spec, varying)} / {defense['stage']}"
 
 
 def _train_label(train: dict[str, Any], varying: set[str]) -> str:
@@ -207,7 +222,7 @@ def to_markdown(rows: list[Row], meta: dict[str, Any], pictures: list[str] | Non
     lines.append("")
     groups: dict[tuple[str, ...], list[Row]] = defaultdict(list)
     for row in rows:
-        if row.quant == "fp32":  # quantized results have their own tables below
+        if row.quant == "fp32" and row.defense == "-":  # quantized and defended results: own tables below
             groups[(row.dataset, row.model, row.train, row.quant, row.defense)].append(row)
     for (dataset, model, train, quant, defense), members in groups.items():
         title = f"## {dataset} · {model}"
@@ -225,7 +240,7 @@ def to_markdown(rows: list[Row], meta: dict[str, Any], pictures: list[str] | Non
             headers.append("note")
             table = [t + [""] * (len(headers) - len(t)) for t in table]
         lines += [tabulate(table, headers=headers, tablefmt="github"), ""]
-    board = leaderboard([r for r in rows if r.quant == "fp32"])
+    board = leaderboard([r for r in rows if r.quant == "fp32" and r.defense == "-"])
     if board:
         lines += ["## Leaderboard", "", f"Headline rule: {HEADLINE_RULE}.", ""]
         table = []
@@ -239,6 +254,7 @@ def to_markdown(rows: list[Row], meta: dict[str, Any], pictures: list[str] | Non
             ])
         headers = ["rank", "dataset", "model", "attack", "lowest rate", "ASR there", "CAD there", "best ASR"]
         lines += [tabulate(table, headers=headers, tablefmt="github"), ""]
+    lines += defense_tables(rows)
     lines += quantization_tables(rows)
     lines += reference_table(rows, meta.get("reference"))
     if pictures:
@@ -247,6 +263,36 @@ def to_markdown(rows: list[Row], meta: dict[str, Any], pictures: list[str] | Non
         for picture in pictures:
             lines += [f"![{Path(picture).stem}]({picture})", ""]
     return "\n".join(lines)
+
+
+def defense_tables(rows: list[Row]) -> list[str]:
+    """Defenses as the BadPatches paper's Table 3 (BA and ASR before the defense and after each stage,
+    per attack and poison rate), then a leaderboard of defenses ranked by mean DER, per attack (fp32)."""
+    defended = [r for r in rows if r.defense != "-" and r.quant == "fp32"]
+    if not defended:
+        return []
+    lines = ["## Defenses", "",
+             "BA and ASR (%) before the defense and after each stage; DER (BackdoorBench) = "
+             "[max(0, ASR drop) - max(0, BA drop) + 1] / 2, 1 is best, 0.5 means no effect.", ""]
+    before = {(r.dataset, r.model, r.train, r.attack, r.poison_rate): r
+              for r in rows if r.defense == "-" and r.quant == "fp32"}
+    groups: dict[tuple[Any, ...], list[Row]] = defaultdict(list)
+    for r in defended:
+        groups[(r.dataset, r.model, r.train, r.attack, r.poison_rate)].append(r)
+    for key, members in groups.items():
+        dataset, model, _train, attack, rate = key
+        lines += [f"### {dataset} · {model} · {attack} at {_pct(rate)}", ""]
+        ref = before.get(key)
+        table = [["before defense", ref.ba.fmt() if ref else "-", ref.asr.fmt() if ref else "-", "-"]]
+        table += [[r.defense, r.ba.fmt(), r.asr.fmt(), r.der.fmt(scale=1, digits=3)] for r in members]
+        lines += [tabulate(table, headers=["stage", "BA", "ASR", "DER"], tablefmt="github"), ""]
+    ranked = sorted(defended, key=lambda r: (r.dataset, r.model, r.attack, -(r.der.mean if r.der.n else -1)))
+    table = [[r.dataset, r.model, r.attack, _pct(r.poison_rate), r.defense, r.der.fmt(scale=1, digits=3),
+              r.asr.fmt(), r.ba.fmt()] for r in ranked]
+    lines += ["### Defense leaderboard (by DER)", "",
+              tabulate(table, headers=["dataset", "model", "attack", "poison rate", "defense / stage", "DER", "ASR",
+                                       "BA"], tablefmt="github"), ""]
+    return lines
 
 
 def reference_table(rows: list[Row], reference: dict[str, Any] | None) -> list[str]:

@@ -126,6 +126,7 @@ class Scenario(_Strict):
     attacks: list[AttackEntry] = Field(default_factory=list)
     poison_rates: list[float] = Field(default_factory=list)
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
+    defenses: list[ComponentEntry] = Field(default_factory=list)
     reference: Reference | None = None
     plugins: list[str] = Field(default_factory=list)
 
@@ -162,6 +163,7 @@ class ResolvedScenario(BaseModel):
     datasets: list[dict[str, Any]]
     attacks: list[dict[str, Any]]
     quant: list[dict[str, Any]]
+    defenses: list[dict[str, Any]] = Field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -267,13 +269,14 @@ def resolve(
         models = _resolve_components("model", "models", scenario.models)
         datasets = _resolve_components("dataset", "datasets", scenario.datasets)
         attacks = _resolve_attacks(scenario.attacks)
+        defenses = _resolve_components("defense", "defenses", scenario.defenses)
     except (ComponentParamsError, UnknownComponentError, ScenarioError) as exc:
         raise ScenarioError(f"{source}: {exc}") from None
     except BenchError:
         raise
     return ResolvedScenario(
         scenario=scenario, source=source, train=train, models=models, datasets=datasets, attacks=attacks,
-        quant=scenario.quantization.configs(),
+        quant=scenario.quantization.configs(), defenses=defenses,
     )
 
 

@@ -180,12 +180,13 @@ class Store:
         os.replace(tmp, path)
         return str(path.relative_to(self.root))
 
-    def load_state(self, job_id: str) -> dict[str, torch.Tensor]:
-        """Load a stored state dict safely (``weights_only=True``)."""
+    def load_state(self, job_id: str, stage: str | None = None) -> dict[str, torch.Tensor]:
+        """Load a stored state dict safely (``weights_only=True``): a job's model, or one stage of a
+        defense job (``stage``)."""
         record = self.get(job_id)
-        if record is None or record.artifact is None:
+        if record is None or (stage is None and record.artifact is None):
             raise StoreError(f"{self.root}: job {job_id} has no stored artifact; rerun `bench run` to rebuild it")
-        path = self.root / record.artifact
+        path = self.artifact_path(f"{job_id}.{stage}") if stage is not None else self.root / str(record.artifact)
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, EOFError) as exc:

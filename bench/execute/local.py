@@ -60,6 +60,8 @@ def execute(plan: Plan, store: Store, device: torch.device, reporter: Reporter |
         t0 = time.perf_counter()
         out = run_job(job, ctx)
         artifact = store.save_state(job.id, out.state) if out.state is not None else None
+        for stage, state in out.stages.items():
+            store.save_state(f"{job.id}.{stage}", state)
         seconds = time.perf_counter() - t0
         store.record(job.id, job.kind, job.spec, list(job.deps), out.metrics, seconds, str(device), artifact)
         summary.ran.append(job.id)
