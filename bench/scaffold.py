@@ -300,9 +300,11 @@ model without routing); ``patch_grid`` / ``patch_px`` tell BadPatches and the ro
 patches are; ``parameter_groups`` names the router ("gate") and expert parameters for quantization scopes;
 ``prunable_convs`` lists the convolutions fine-pruning may prune.
 
-The model: a patch embedding (a convolution with kernel = stride = ``patch``) gives one feature vector per
-patch; each expert's router scores every patch and keeps its top ``topk`` (expert choice, as in pMoE); an
-expert is a 1x1 convolution on its gated patches; the experts' outputs are summed, pooled, classified.
+The model: a 3x3 convolution, then a patch embedding (kernel = stride = ``patch``) gives one feature
+vector per patch; each expert's router scores every patch and keeps its top ``topk`` (expert choice, as in
+pMoE), with gates softmax-normalised over the kept patches; an expert is a 1x1 convolution on the patches
+scaled by its gates; the experts' outputs are summed over patches and experts and classified. About 90%
+test accuracy on 16x16 digits after 8 epochs (``train: {epochs: 8, lr: 0.1}``).
 
 Check it::
 
@@ -326,6 +328,9 @@ from bench.registry import register_model
 
 class $cls(BenchModel):
     """Patch embedding, per-expert top-k routing over patches, 1x1-convolution experts, linear head."""
+
+    patch_grid: tuple[int, int]
+    patch_px: tuple[int, int]
 
     def __init__(
         self,
@@ -356,19 +361,23 @@ class $cls(BenchModel):
         self.patch_px = (patch, patch)
         self.topk = topk
         self.normalize = Normalize(tuple(mean), tuple(std))
-        self.embed = nn.Conv2d(c_in, channels, kernel_size=patch, stride=patch)
+        self.embed = nn.Sequential(  # a 3x3 convolution, then one feature vector per patch
+            nn.Conv2d(c_in, channels, kernel_size=3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
+            nn.Conv2d(channels, channels, kernel_size=patch, stride=patch), nn.BatchNorm2d(channels),
+            nn.ReLU(),
+        )
         self.router = nn.Conv2d(channels, experts, kernel_size=1, bias=False)
         self.experts = nn.ModuleList(nn.Conv2d(channels, channels, kernel_size=1) for _ in range(experts))
         self.head = nn.Linear(channels, num_classes)
 
     def forward_routing(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
-        h = torch.relu(self.embed(self.normalize(x)))  # [N, D, rows, cols]: one vector per patch
-        scores = self.router(h).flatten(2)  # [N, E, n]
-        _, indices = scores.topk(self.topk, dim=2)
-        gates = scores.softmax(dim=2).gather(2, indices)  # softmax over every patch, kept at the top k
+        h = self.embed(self.normalize(x))  # [N, D, rows, cols]: one feature vector per patch
+        scores = self.router(h).flatten(2)  # [N, E, rows * cols]
+        top, indices = scores.topk(self.topk, dim=2)
+        gates = top.softmax(dim=2)  # over each expert's kept patches
         n, e, _ = scores.shape
         gate_map = torch.zeros_like(scores).scatter(2, indices, gates).view(n, e, *self.patch_grid)
-        mixed = sum(torch.relu(expert(h)) * gate_map[:, i : i + 1] for i, expert in enumerate(self.experts))
+        mixed = sum(torch.relu(expert(h * gate_map[:, i : i + 1])) for i, expert in enumerate(self.experts))
         logits = self.head(mixed.sum(dim=(2, 3)))  # type: ignore[union-attr]
         return logits, Routing(indices, gates, scores, self.patch_grid, self.patch_px)
 
@@ -624,5 +633,178 @@ def test_bad_parameters_are_rejected():
         raise AssertionError(f"{bad} was accepted")
 '''
 
-PLUGIN_TEMPLATES: dict[str, str] = {"trigger": _TRIGGER, "model": _MODEL, "dataset": _DATASET}
-TEST_TEMPLATES: dict[str, str] = {"trigger": _TRIGGER_TEST, "model": _MODEL_TEST, "dataset": _DATASET_TEST}
+_DEFENSE = r'''"""$name: fine-tuning on the defender's clean data (written by `bench new defense $name`).
+
+Make it yours: say here which paper this defense comes from (title, authors, year, link) and change
+``run``. Keep the contract of :class:`bench.defenses.base.Defense`: the engine builds the defense from
+its parameters (``__init__``'s keywords are its schema; every defense declares ``budget``, the share of
+the clean training set the defender holds), then calls ``run(model, ctx)`` once per attacked model with a
+fresh copy of it; ``run`` may change the model in place and returns one
+:class:`~bench.defenses.base.DefenseStage` per step, in order. ``stages`` names the steps that carry
+weights (the engine evaluates each of them at every quantization config); ``ctx.clean_x`` / ``clean_y``
+are the defender's clean images, ``ctx.train_cfg`` the scenario's training settings, ``ctx.seed`` the
+cell's seed. ``ctx.trigger`` / ``ctx.target`` are the benchmark's knowledge, for metrics only.
+
+This one fine-tunes the whole model on the clean data with the scenario's optimizer settings.
+
+Check it::
+
+    bench plugins --plugins $path
+    python -m pytest $test_path
+
+Use it: list the file under a scenario's ``plugins:`` (a path relative to the scenario file), then::
+
+    defenses: [{name: $name, epochs: 2}]
+"""
+
+from __future__ import annotations
+
+from bench.defenses.base import DEFAULT_BUDGET, Defense, DefenseContext, DefenseStage, check_budget, snapshot
+from bench.errors import ComponentParamsError
+from bench.models.base import BenchModel
+from bench.registry import register_defense
+from bench.train import fit
+
+
+@register_defense("$name")
+class $cls(Defense):
+    """Fine-tune the attacked model on the defender's clean data.
+
+    Arguments:
+        epochs (int): fine-tuning epochs, >= 1. Default: 2.
+        lr (float | None): learning rate; None uses the scenario's ``train.lr``. Default: 0.01.
+        budget (float): share of the clean training set the defender holds, in (0, 1]. Default: 0.05.
+
+    Stages: "finetuned" (weights; metrics ``epochs``, ``n_clean``, ``loss_before``, ``loss_after``).
+    """
+
+    stages = ("finetuned",)
+    name = "$name"
+
+    def __init__(self, epochs: int = 2, lr: float | None = 0.01, budget: float = DEFAULT_BUDGET) -> None:
+        if epochs < 1:
+            raise ComponentParamsError(f"$name.epochs: must be >= 1, got {epochs}")
+        if lr is not None and lr <= 0:
+            raise ComponentParamsError(f"$name.lr: must be > 0 (or null for the scenario's), got {lr}")
+        self.epochs = epochs
+        self.lr = lr
+        self.budget = check_budget(self.name, budget)
+
+    def run(self, model: BenchModel, ctx: DefenseContext) -> list[DefenseStage]:
+        cfg = dict(ctx.train_cfg)
+        if self.lr is not None:
+            cfg["lr"] = self.lr
+        result = fit(model, ctx.clean_x, ctx.clean_y, cfg, seed=ctx.seed, augment=ctx.augment,
+                     on_epoch=ctx.on_epoch, epochs=self.epochs)
+        metrics = {"epochs": self.epochs, "n_clean": int(len(ctx.clean_y)),
+                   "loss_before": result.epoch_losses[0], "loss_after": result.epoch_losses[-1]}
+        return [DefenseStage("finetuned", snapshot(model), metrics)]
+'''
+
+_DEFENSE_TEST = r'''"""Tests of the `$name` defense plugin: the Defense contract and what the defense does.
+
+Run::
+
+    python -m pytest $test_path
+
+No pytest import, so loading this folder as a plugin folder is harmless.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bench.defenses.base import DefenseContext
+from bench.errors import BenchError
+from bench.models.base import BenchModel
+from bench.plugins import load_plugin_file
+from bench.registry import REGISTRY, Component
+
+PLUGIN = Path(__file__).with_name("$module.py")
+TRAIN = {"epochs": 1, "batch_size": 32, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}
+
+
+class Linear(BenchModel):
+    """A linear classifier on 8x8 images: small enough to test a defense in a second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 4)
+
+    def forward_routing(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.fc(x.flatten(1)), None
+
+
+def _component() -> Component:
+    load_plugin_file(PLUGIN)
+    return REGISTRY.get("defense", "$name")
+
+
+def _context(seed: int = 0) -> DefenseContext:
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(64) % 4
+    x = (torch.rand(64, 1, 8, 8, generator=gen) * 0.2 + (y.float() / 4).view(-1, 1, 1, 1)).clamp(0, 1)
+    return DefenseContext(clean_x=x, clean_y=y, train_cfg=TRAIN, seed=seed, num_classes=4)
+
+
+def _loss(model: BenchModel, ctx: DefenseContext) -> float:
+    with torch.no_grad():
+        return float(nn.functional.cross_entropy(model(ctx.clean_x), ctx.clean_y))
+
+
+def test_registered_from_this_file_with_a_budget():
+    comp = _component()
+    assert comp.source == f"file:{PLUGIN.resolve()}"
+    assert "budget" in {p.name for p in comp.params}
+
+
+def test_returns_its_declared_stages_with_the_models_weights():
+    comp = _component()
+    torch.manual_seed(0)
+    model, ctx = Linear(), _context()
+    stages = comp.create().run(model, ctx)
+    assert tuple(s.name for s in stages if s.state is not None) == comp.factory.stages
+    for stage in stages:
+        if stage.state is not None:
+            assert stage.state.keys() == model.state_dict().keys()
+            assert all(torch.equal(stage.state[k], v) for k, v in model.state_dict().items())
+
+
+def test_fine_tuning_lowers_the_clean_loss_and_leaves_the_data_alone():
+    torch.manual_seed(0)
+    model, ctx = Linear(), _context()
+    before, clean_x = _loss(model, ctx), ctx.clean_x.clone()
+    (stage,) = _component().create(epochs=3, lr=0.1).run(model, ctx)
+    assert _loss(model, ctx) < before
+    assert stage.metrics["loss_after"] < stage.metrics["loss_before"]
+    assert torch.equal(ctx.clean_x, clean_x)
+
+
+def test_same_seed_same_result():
+    states = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = Linear()
+        states.append(_component().create().run(model, _context(seed=3))[0].state)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_bad_parameters_are_rejected():
+    comp = _component()
+    for bad in ({"epochs": 0}, {"lr": -1.0}, {"budget": 1.5}, {"epoch": 2}):
+        try:
+            comp.create(**bad)
+        except BenchError:
+            continue
+        raise AssertionError(f"{bad} was accepted")
+'''
+
+PLUGIN_TEMPLATES: dict[str, str] = {
+    "trigger": _TRIGGER, "defense": _DEFENSE, "model": _MODEL, "dataset": _DATASET,
+}
+TEST_TEMPLATES: dict[str, str] = {
+    "trigger": _TRIGGER_TEST, "defense": _DEFENSE_TEST, "model": _MODEL_TEST, "dataset": _DATASET_TEST,
+}

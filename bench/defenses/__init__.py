@@ -1,1 +1,42 @@
-"""Built-in defenses; importing this package registers them."""
+"""Built-in defenses; importing this package registers them.
+
+Every defense maps an attacked model and the defender's clean data to named stages
+(:mod:`bench.defenses.base`): ``fine-pruning``, ``pruning``, ``fine-tuning`` (Liu et al. 2018, as the
+BadPatches paper applies it), ``expert-pruning`` (MoE-specific), ``neural-cleanse`` (Wang et al. 2019)
+and ``strip`` (Gao et al. 2019).
+"""
+
+from __future__ import annotations
+
+from bench.defenses.base import Defense, DefenseContext, DefenseStage, snapshot
+from bench.defenses.expert_pruning import ExpertPruning, routing_change
+from bench.defenses.fine_pruning import FinePruning
+from bench.defenses.finetune import FineTuning, finetune
+from bench.defenses.neural_cleanse import NeuralCleanse, ReversedTrigger, ReverseSpec, anomaly_indices, detect
+from bench.defenses.pruning import ChannelMask, Pruning, channel_scores, hold_pruned, prune
+from bench.defenses.strip import Strip, auroc, strip_entropy
+
+__all__ = [
+    "ChannelMask",
+    "Defense",
+    "DefenseContext",
+    "DefenseStage",
+    "ExpertPruning",
+    "FinePruning",
+    "FineTuning",
+    "NeuralCleanse",
+    "Pruning",
+    "ReverseSpec",
+    "ReversedTrigger",
+    "Strip",
+    "anomaly_indices",
+    "auroc",
+    "channel_scores",
+    "detect",
+    "finetune",
+    "hold_pruned",
+    "prune",
+    "routing_change",
+    "snapshot",
+    "strip_entropy",
+]

@@ -17,6 +17,9 @@ Where we deviate from their Keras code, and why:
   of the quickstart (about a hundred steps) the slower running averages would not settle;
 - ``dropout`` sits between the two convolutions of a block as in the original WRN (their code has none,
   so the default is 0).
+
+:func:`check_context` validates the engine-supplied parameters (input shape, classes, statistics) that
+every model shares.
 """
 
 from __future__ import annotations

@@ -1,0 +1,44 @@
+"""Defenses as plan stages end to end: one defend job per attacked model, every stage evaluated."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from bench import plan as planning
+from bench import scenario as sc
+from bench.cli import app
+from tests.conftest import tiny_scenario
+
+DEFENSES = [{"name": "fine-pruning", "rate": {"grid": [0.1, 0.3]}, "epochs": 1, "budget": 0.1}]
+
+
+def test_plan_defends_attacked_models_only_and_never_retrains():
+    base = planning.build(sc.resolve(tiny_scenario()))
+    plan = planning.build(sc.resolve(tiny_scenario(defenses=DEFENSES)))
+    trains = lambda p: {j.id for j in p.jobs if j.kind == "train"}  # noqa: E731
+    assert trains(plan) == trains(base)
+    defend = [j for j in plan.jobs if j.kind == "defend"]
+    assert len(defend) == 2  # two pruning rates x one attacked model
+    attacked_train = next(j.id for j in plan.jobs if j.kind == "train" and j.spec["attack"] is not None)
+    assert all(j.deps == (attacked_train,) for j in defend)
+    stages = {(c.defense["rate"], c.defense["stage"]) for c in plan.cells if c.defense}
+    assert stages == {(0.1, "pruned"), (0.1, "finetuned"), (0.3, "pruned"), (0.3, "finetuned")}
+    assert all(c.base_eval_job for c in plan.cells if c.defense)
+
+
+def test_run_reports_table3_and_der(write_scenario, tmp_path):
+    path = write_scenario(tiny_scenario(defenses=DEFENSES, quantization={"bits": ["fp32", 4]}))
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", str(path), "--runs-dir", str(tmp_path / "runs"), "--reports-dir",
+                                 str(tmp_path / "reports")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = (tmp_path / "reports" / "tiny.md").read_text()
+    assert "## Defenses" in report and "before defense" in report and "Defense leaderboard" in report
+    rows = json.loads(runner.invoke(app, ["report", str(tmp_path / "runs" / "tiny"), "--format", "json"]).stdout)
+    defended = [r for r in rows["rows"] if r["defense"] != "-"]
+    # 2 rates x 2 stages x 2 quant configs (fp32, int4/whole), each with BA, ASR and DER
+    assert len(defended) == 8
+    assert all(r["ba_n"] == 1 and r["asr_n"] == 1 and r["der_n"] == 1 for r in defended)
+    assert all(0 <= r["der_mean"] <= 1 for r in defended)
