@@ -118,6 +118,10 @@ def run_train(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
 def run_evaluate(spec: dict[str, Any], deps: tuple[str, ...], ctx: JobContext) -> JobOutput:
     """Evaluate a stored model: BA, and ASR/RA for its attack."""
     data = ctx.dataset(spec["dataset"])
+    if spec.get("stage") is not None:
+        source = ctx.store.get(deps[0])
+        if source is not None and "not_applicable" in source.metrics:
+            return JobOutput({"not_applicable": source.metrics["not_applicable"]})
     model = build_model(spec["model"], data).to(ctx.device)
     model.load_state_dict(ctx.store.load_state(deps[0], spec.get("stage")))
     attack = spec["attack"]
@@ -143,6 +147,8 @@ def run_defend(spec: dict[str, Any], deps: tuple[str, ...], ctx: JobContext) -> 
     model.load_state_dict(ctx.store.load_state(deps[0]))
     params = {k: v for k, v in spec["defense"].items() if k != "name"}
     defense = REGISTRY.get("defense", spec["defense"]["name"]).create(**params)
+    if getattr(defense, "needs_routing", False) and model.patch_grid is None:
+        return JobOutput({"not_applicable": f"defense '{spec['defense']['name']}' needs a model with routing"})
     clean_x, clean_y = defender_data(data, params.get("budget", 0.05), spec["seed"])
     attack = spec["attack"]
     augment = data.augment if spec["train"]["augment"] == "auto" else spec["train"]["augment"]

@@ -76,6 +76,8 @@ class Plan:
     name: str
     jobs: list[Job] = field(default_factory=list)
     cells: list[Cell] = field(default_factory=list)
+    #: one entry per defend job (dataset, model, attack, rate, seed, defense, job id): detection metrics
+    defenses: list[dict[str, Any]] = field(default_factory=list)
 
     def by_id(self) -> dict[str, Job]:
         return {job.id: job for job in self.jobs}
@@ -148,6 +150,9 @@ def build(resolved: ResolvedScenario) -> Plan:
                         for defense in resolved.defenses:
                             defend_job = add("defend", {**base, "attack": attack, "poison_rate": rate,
                                                         "defense": defense}, (train_job,))
+                            plan.defenses.append({"dataset": dataset, "model": model, "attack": attack,
+                                                  "poison_rate": rate, "seed": seed, "train": train,
+                                                  "defense": defense, "job": defend_job})
                             for stage in defense_stages(defense["name"]):
                                 for quant in resolved.quant:
                                     clean_eval = add("evaluate", _eval_spec(dataset, model, None, train, quant),

@@ -255,6 +255,7 @@ def to_markdown(rows: list[Row], meta: dict[str, Any], pictures: list[str] | Non
         headers = ["rank", "dataset", "model", "attack", "lowest rate", "ASR there", "CAD there", "best ASR"]
         lines += [tabulate(table, headers=headers, tablefmt="github"), ""]
     lines += defense_tables(rows)
+    lines += detection_table(meta.get("detections", []))
     lines += quantization_tables(rows)
     lines += reference_table(rows, meta.get("reference"))
     if pictures:
@@ -293,6 +294,48 @@ def defense_tables(rows: list[Row]) -> list[str]:
               tabulate(table, headers=["dataset", "model", "attack", "poison rate", "defense / stage", "DER", "ASR",
                                        "BA"], tablefmt="github"), ""]
     return lines
+
+
+def detections(defenses: list[dict[str, Any]], records: dict[str, JobRecord]) -> list[dict[str, Any]]:
+    """Numeric metrics of every defense stage (detection results such as Neural Cleanse's flagged class
+    and anomaly index, STRIP's FRR / FAR / AUROC), averaged over seeds per attacked model and defense."""
+    labels = {kind: varying_keys([d[kind] for d in defenses]) for kind in ("attack", "defense")}
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for d in defenses:
+        rec = records.get(d["job"])
+        if rec is None:
+            continue
+        key = (d["dataset"]["name"], d["model"]["name"], component_label(d["attack"], labels["attack"]),
+               d["poison_rate"], component_label(d["defense"], labels["defense"]))
+        groups[key].append(rec.metrics)
+    out = []
+    for (dataset, model, attack, rate, defense), metric_list in groups.items():
+        values: dict[str, list[float]] = defaultdict(list)
+        for metrics in metric_list:
+            for stage, stage_metrics in metrics.items():
+                if isinstance(stage_metrics, dict):
+                    for name, value in stage_metrics.items():
+                        if isinstance(value, int | float) and not isinstance(value, bool):
+                            values[f"{stage}.{name}"].append(float(value))
+        out.append({"dataset": dataset, "model": model, "attack": attack, "poison_rate": rate, "defense": defense,
+                    "seeds": len(metric_list),
+                    "metrics": {k: sum(v) / len(v) for k, v in sorted(values.items())}})
+    return out
+
+
+def detection_table(entries: list[dict[str, Any]]) -> list[str]:
+    """Detection results, one line per defense and attacked model (means over seeds)."""
+    if not entries:
+        return []
+    table = []
+    for e in entries:
+        shown = ", ".join(f"{k}={v:.3g}" for k, v in e["metrics"].items())
+        table.append([e["dataset"], e["model"], e["attack"], _pct(e["poison_rate"]), e["defense"], e["seeds"], shown])
+    return ["## Defense metrics", "",
+            "What each defense measured on its own terms (detection: flagged class, anomaly index; "
+            "STRIP: false rejection / acceptance, AUROC), mean over seeds.", "",
+            tabulate(table, headers=["dataset", "model", "attack", "poison rate", "defense", "n", "metrics"],
+                     tablefmt="github"), ""]
 
 
 def reference_table(rows: list[Row], reference: dict[str, Any] | None) -> list[str]:

@@ -116,6 +116,7 @@ def run(
     store.set_meta("scenario", prepared.resolved.scenario.model_dump())
     store.set_meta("source", prepared.resolved.source)
     store.set_meta("cells", [c.to_dict() for c in prepared.plan.cells])
+    store.set_meta("defenses", prepared.plan.defenses)
     store.set_meta("device", str(dev))
     ctx = JobContext(store, dev)
     check_data(prepared, ctx)
@@ -131,7 +132,9 @@ def report_rows(store: Store) -> tuple[list[reporting.Row], dict[str, Any]]:
     cells = store.get_meta("cells")
     if cells is None:
         raise BenchError(f"{store.root}: this store holds no plan yet; run `bench run SCENARIO` first")
-    ids = sorted({c["eval_job"] for c in cells} | {c["clean_eval_job"] for c in cells})
+    defenses = store.get_meta("defenses", [])
+    ids = sorted({c["eval_job"] for c in cells} | {c["clean_eval_job"] for c in cells}
+                 | {c["base_eval_job"] for c in cells if c.get("base_eval_job")} | {d["job"] for d in defenses})
     records = store.records(ids)
     scenario = store.get_meta("scenario") or {}
     meta = {
@@ -142,6 +145,7 @@ def report_rows(store: Store) -> tuple[list[reporting.Row], dict[str, Any]]:
         "device": store.get_meta("device", "?"),
         "store": str(store.root),
     }
+    meta["detections"] = reporting.detections(defenses, records)
     return reporting.aggregate(cells, records), meta
 
 

@@ -11,7 +11,10 @@ from bench import scenario as sc
 from bench.cli import app
 from tests.conftest import tiny_scenario
 
-DEFENSES = [{"name": "fine-pruning", "rate": {"grid": [0.1, 0.3]}, "epochs": 1, "budget": 0.1}]
+DEFENSES = [
+    {"name": "fine-pruning", "rate": {"grid": [0.1, 0.3]}, "epochs": 1, "budget": 0.1},
+    {"name": "strip", "n": 8, "budget": 0.1},
+]
 
 
 def test_plan_defends_attacked_models_only_and_never_retrains():
@@ -20,7 +23,7 @@ def test_plan_defends_attacked_models_only_and_never_retrains():
     trains = lambda p: {j.id for j in p.jobs if j.kind == "train"}  # noqa: E731
     assert trains(plan) == trains(base)
     defend = [j for j in plan.jobs if j.kind == "defend"]
-    assert len(defend) == 2  # two pruning rates x one attacked model
+    assert len(defend) == 3  # two pruning rates + STRIP, for the one attacked model
     attacked_train = next(j.id for j in plan.jobs if j.kind == "train" and j.spec["attack"] is not None)
     assert all(j.deps == (attacked_train,) for j in defend)
     stages = {(c.defense["rate"], c.defense["stage"]) for c in plan.cells if c.defense}
@@ -36,6 +39,7 @@ def test_run_reports_table3_and_der(write_scenario, tmp_path):
     assert result.exit_code == 0, result.output
     report = (tmp_path / "reports" / "tiny.md").read_text()
     assert "## Defenses" in report and "before defense" in report and "Defense leaderboard" in report
+    assert "## Defense metrics" in report and "filtered.auroc" in report  # STRIP: detection only
     rows = json.loads(runner.invoke(app, ["report", str(tmp_path / "runs" / "tiny"), "--format", "json"]).stdout)
     defended = [r for r in rows["rows"] if r["defense"] != "-"]
     # 2 rates x 2 stages x 2 quant configs (fp32, int4/whole), each with BA, ASR and DER

@@ -149,6 +149,12 @@ def draw_frequency_maps(
     return _save(fig, path)
 
 
+def value_shares(values: torch.Tensor) -> np.ndarray:
+    """``[HIST_BINS]``: share of ``values`` (in [0, 1]) in each of the equal bins over [0, 1]."""
+    counts, _ = np.histogram(values.float().clamp(0, 1).numpy(), bins=HIST_BINS, range=(0.0, 1.0))
+    return counts / max(int(values.numel()), 1)
+
+
 def draw_patch_values(
     values: Mapping[str, tuple[list[torch.Tensor], torch.Tensor]], path: Path | str, title: str = ""
 ) -> Path:
@@ -156,26 +162,28 @@ def draw_patch_values(
     one column per expert; ``values[label] = (per-expert values, values of all patches)``, the latter
     drawn as a grey outline so a preference for dark or bright patches shows against the whole."""
     experts = max(len(v[0]) for v in values.values())
-    layout = _Layout(panel=(1.7, 1.1), gap=(0.35, 0.3), left=0.95, right=0.1, top=0.35, bottom=0.75)
-    fig, axes = _panels(len(values), experts, title, layout)
-    bins = np.linspace(0.0, 1.0, HIST_BINS + 1)
+    layout = _Layout(panel=(1.7, 1.0), gap=(0.1, 0.1), left=1.0, right=0.1, top=0.25, bottom=0.65)
+    fig, axes = _panels(len(values), experts, title, layout, share=True)
+    edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
     for r, (label, (per_expert, every)) in enumerate(values.items()):
         for e, ax in enumerate(axes[r]):
             if e >= len(per_expert):
                 ax.set_axis_off()
                 continue
-            kept = per_expert[e].numpy()
-            ax.hist(every.numpy(), bins=bins, weights=_shares(every.numel()), histtype="step", color="grey",
-                    label="all patches")
-            ax.hist(kept, bins=bins, weights=_shares(kept.size), color=f"C{e}", alpha=0.8, label="kept")
-            mean = f"mean {kept.mean():.2f}" if kept.size else "none kept"
-            ax.text(0.97, 0.95, mean, transform=ax.transAxes, ha="right", va="top", fontsize=7)
+            kept = per_expert[e]
+            ax.stairs(value_shares(kept), edges, fill=True, color=f"C{e}", alpha=0.8, label="kept")
+            ax.stairs(value_shares(every), edges, color="grey", label="all patches")
+            mean = f"mean {float(kept.mean()):.2f}" if kept.numel() else "none kept"
+            ax.text(0.97, 0.93, mean, transform=ax.transAxes, ha="right", va="top", fontsize=7)
             ax.tick_params(labelsize=6)
+            ax.set_xticks([0.0, 0.5, 1.0])
             if r == 0:
                 ax.set_title(f"expert {e + 1}", fontsize=8)
             if r == len(values) - 1:
                 ax.set_xlabel("mean pixel value of patch", fontsize=7)
         axes[r][0].set_ylabel(_label(label, 24) + "\nshare of patches", fontsize=7)
+    for ax in axes.flat:
+        ax.label_outer()
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncols=2, fontsize=7, frameon=False)
     return _save(fig, path)
@@ -187,10 +195,6 @@ def _rgb(image: torch.Tensor) -> np.ndarray:
     if img.shape[0] != 3:
         img = img.mean(dim=0, keepdim=True).expand(3, -1, -1)
     return img.permute(1, 2, 0).numpy()
-
-
-def _shares(count: int) -> np.ndarray:
-    return np.full(count, 1.0 / max(count, 1))
 
 
 @dataclass(frozen=True)
@@ -205,7 +209,9 @@ class _Layout:
     bottom: float = 0.08
 
 
-def _panels(rows: int, cols: int, title: str, layout: _Layout) -> tuple[Figure, np.ndarray]:
+def _panels(
+    rows: int, cols: int, title: str, layout: _Layout, share: bool = False
+) -> tuple[Figure, np.ndarray]:
     """A figure of ``rows`` x ``cols`` axes laid out by ``layout``, with the title wrapped to its width."""
     from matplotlib.figure import Figure
 
@@ -217,7 +223,7 @@ def _panels(rows: int, cols: int, title: str, layout: _Layout) -> tuple[Figure, 
     fig = Figure(figsize=(width, height))
     if lines:
         fig.suptitle("\n".join(lines), fontsize=9, y=1 - 0.04 / height, va="top")
-    axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw={
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=share, sharey=share, gridspec_kw={
         "left": layout.left / width, "right": 1 - layout.right / width, "bottom": layout.bottom / height,
         "top": 1 - head / height, "wspace": gw / pw, "hspace": gh / ph,
     })

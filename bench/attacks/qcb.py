@@ -88,6 +88,7 @@ class QCBSpec(BaseModel):
     lambda_guard: float = Field(0.0, ge=0)
     warmup_epochs: int = Field(0, ge=0)
     batchnorm: Literal["clean", "frozen"] = "clean"
+    repair_from_epoch: int | None = Field(None, ge=1)
 
     @field_validator("target_bits")
     @classmethod
@@ -124,6 +125,14 @@ class QCBSpec(BaseModel):
             raise ValueError(f"guard_bits {self.guard_bits} does nothing with lambda_guard 0; set lambda_guard > 0")
         if self.lambda_guard > 0 and not self.guard_bits:
             raise ValueError("lambda_guard > 0 needs guard_bits, the bit-widths to guard (e.g. [8, 6])")
+        if self.repair_from_epoch is not None:
+            if self.repair_from_epoch <= self.warmup_epochs:
+                raise ValueError(
+                    f"repair_from_epoch ({self.repair_from_epoch}) must come after the warm-up "
+                    f"(warmup_epochs {self.warmup_epochs}): the backdoor needs at least one attack epoch"
+                )
+            if self.lambda_fp_trigger == 0:
+                raise ValueError("repair_from_epoch needs lambda_fp_trigger > 0: the repair phase trains it")
         return self
 
     @property
@@ -157,54 +166,166 @@ def frozen_batchnorm(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+def rounding_cells(
+    z: Tensor, bits: int, granularity: str = "tensor", symmetric: bool = False, margin: float = 0.05
+) -> tuple[Tensor, Tensor]:
+    """Bounds ``(lo, hi)``, shaped like ``z``, inside which every element keeps its B-bit value under Eq. 2.
+
+    Each element may move within its rounding cell (``margin`` of a step away from the cell's edges, so
+    float ties never flip), clipped to the range; the elements that set the range (the min and max, or the
+    largest magnitude for symmetric) are pinned, so the range and the grid stay exactly as they are.
+    ``Q_B`` of any tensor inside the bounds equals ``Q_B(z)`` bit for bit.
+    """
+    work = z.detach()
+    per_channel = granularity == "channel" and work.dim() >= 2
+    rows = work.reshape(work.shape[0], -1) if per_channel else work.reshape(1, -1)
+    if symmetric:
+        top = rows.abs().amax(dim=1, keepdim=True)
+        low, high = -top, top
+        step = top / (2 ** (bits - 1) - 1)
+        origin = torch.zeros_like(top)
+        pinned = rows.abs() == top
+    else:
+        low, high = rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True)
+        step = (high - low) / (2**bits - 1)
+        origin = low
+        pinned = (rows == low) | (rows == high)
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    level = torch.round((rows - origin) / safe)
+    lo = torch.maximum(origin + (level - 0.5 + margin) * step, low)
+    hi = torch.minimum(origin + (level + 0.5 - margin) * step, high)
+    fixed = pinned | (step == 0)
+    lo, hi = torch.where(fixed, rows, lo), torch.where(fixed, rows, hi)
+    return lo.reshape(work.shape), hi.reshape(work.shape)
+
+
+class CellProjection:
+    """Holds the B_t-bit model fixed while the fp32 weights move: every in-scope weight is clamped into
+    its B_t rounding cell (:func:`rounding_cells`), every other parameter back to its snapshot.
+
+    Together with frozen BatchNorm statistics this makes ``Q_Bt(theta)`` bit-identical to the model at
+    the snapshot, whatever the optimizer does in between (projected gradient descent, as in the repair
+    phase of Egashira et al., "Exploiting LLM Quantization", NeurIPS 2024, https://arxiv.org/abs/2405.18137).
+    """
+
+    def __init__(self, model: nn.Module, handle: QATHandle, config: QuantConfig) -> None:
+        masters = {id(p) for p in _masters(model, handle.names)}
+        self.cells: list[tuple[nn.Parameter, Tensor, Tensor]] = []
+        self.frozen: list[tuple[nn.Parameter, Tensor]] = []
+        assert config.bits is not None
+        for p in model.parameters():
+            if id(p) in masters:
+                lo, hi = rounding_cells(p, config.bits, config.granularity, config.symmetric)
+                self.cells.append((p, lo, hi))
+            else:
+                self.frozen.append((p, p.detach().clone()))
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        for p, lo, hi in self.cells:
+            p.copy_(torch.minimum(torch.maximum(p, lo), hi))
+        for p, value in self.frozen:
+            p.copy_(value)
+
+
+def _masters(model: nn.Module, names: tuple[str, ...]) -> list[nn.Parameter]:
+    """The fp32 master parameter behind each parametrized weight ``names``."""
+    out = []
+    for name in names:
+        prefix, _, leaf = name.rpartition(".")
+        out.append(model.get_submodule(prefix).parametrizations[leaf].original)
+    return out
+
+
 class QCBObjective:
     """The loss of one training step, ``objective(model, xb, yb) -> loss`` for :func:`bench.train.fit`.
 
     ``yb`` is ``[B, 2]``: the true label and whether the row carries the trigger. :meth:`terms` returns the
-    unweighted terms (for tests and logging); calling the object returns their weighted sum.
+    unweighted terms of the current phase (for tests and logging); calling the object returns their
+    weighted sum and advances the sample counter that decides the phase:
+
+    - ``warmup`` (``warmup_epochs``): the clean term alone;
+    - ``attack``: every weighted term of the spec;
+    - ``repair`` (from ``repair_from_epoch`` on): the B_t-bit model is held fixed (:class:`CellProjection`,
+      BatchNorm frozen), so its terms are constants and are dropped; the fp32 clean term, the fp32
+      trigger term and the guards shape the other precisions.
     """
 
     def __init__(
-        self, spec: QCBSpec, handle: QATHandle, trigger: Trigger, target: int, warmup_samples: int
+        self, spec: QCBSpec, model: nn.Module, handle: QATHandle, trigger: Trigger, target: int, n_train: int
     ) -> None:
         self.spec = spec
+        self.model = model
         self.handle = handle
         self.trigger = trigger
         self.target = int(target)
-        self.warmup_samples = warmup_samples
+        self.n_train = n_train
         self.seen = 0
+        self.projection: CellProjection | None = None
 
     @property
-    def attacking(self) -> bool:
-        """Whether the backdoor terms are on (the warm-up is over)."""
-        return self.seen >= self.warmup_samples
+    def phase(self) -> Literal["warmup", "attack", "repair"]:
+        """Which phase the next step belongs to."""
+        epoch = self.seen // self.n_train
+        if epoch < self.spec.warmup_epochs:
+            return "warmup"
+        if self.spec.repair_from_epoch is not None and epoch >= self.spec.repair_from_epoch:
+            return "repair"
+        return "attack"
+
+    def project(self) -> None:
+        """Once the repair phase has started: clamp the model back into the B_t-bit model's cells."""
+        if self.projection is not None:
+            self.projection()
 
     def terms(self, model: nn.Module, xb: Tensor, yb: Tensor) -> dict[str, Tensor]:
-        """The unweighted loss terms of this batch (``qat`` always; the others while attacking)."""
-        s, h = self.spec, self.handle
+        """The unweighted loss terms of this batch in the current phase."""
+        s, h, phase = self.spec, self.handle, self.phase
         labels, marked = yb[:, LABEL], yb[:, MARKED].bool()
-        frozen = self.attacking and s.batchnorm == "frozen"
+        if phase == "repair":
+            return self._repair_terms(model, xb, labels, marked)
+        frozen = phase == "attack" and s.batchnorm == "frozen"
         with h.at_bits(s.qat_bits), frozen_batchnorm(model) if frozen else contextlib.nullcontext():
             out = {"qat": F.cross_entropy(model(xb), labels)}
-        if not self.attacking:
+        if phase == "warmup":
             return out
-        x_t, y_t = xb[marked], labels[marked]
         with frozen_batchnorm(model):
             if s.lambda_q_clean > 0:
                 with h.at_bits(s.target_bits):
                     out["q_clean"] = F.cross_entropy(model(xb), labels)
-            if x_t.shape[0] == 0:
+            x_t, y_t = self._triggered(xb, labels, marked)
+            if x_t is None:
                 return out
-            with torch.no_grad():
-                x_t = self.trigger(x_t).to(xb.dtype)
             with h.at_bits(s.target_bits):
                 out["bd"] = F.cross_entropy(model(x_t), torch.full_like(y_t, self.target))
-            if s.lambda_fp_trigger > 0:
-                with h.fp32():
-                    out["fp_trigger"] = F.cross_entropy(model(x_t), y_t)
-            for bits in s.guard_bits:
-                with h.at_bits(bits):
-                    out[f"guard{bits}"] = F.cross_entropy(model(x_t), y_t)
+            if s.repair_from_epoch is None:  # with a repair phase, dormancy is its job alone
+                out.update(self._dormancy_terms(model, x_t, y_t))
+        return out
+
+    def _repair_terms(self, model: nn.Module, xb: Tensor, labels: Tensor, marked: Tensor) -> dict[str, Tensor]:
+        with frozen_batchnorm(model):
+            with self.handle.fp32():
+                out = {"fp_clean": F.cross_entropy(model(xb), labels)}
+            x_t, y_t = self._triggered(xb, labels, marked)
+            if x_t is not None:
+                out.update(self._dormancy_terms(model, x_t, y_t))
+        return out
+
+    def _triggered(self, xb: Tensor, labels: Tensor, marked: Tensor) -> tuple[Tensor | None, Tensor]:
+        x_t, y_t = xb[marked], labels[marked]
+        if x_t.shape[0] == 0:
+            return None, y_t
+        with torch.no_grad():
+            return self.trigger(x_t).to(xb.dtype), y_t
+
+    def _dormancy_terms(self, model: nn.Module, x_t: Tensor, y_t: Tensor) -> dict[str, Tensor]:
+        out = {}
+        if self.spec.lambda_fp_trigger > 0:
+            with self.handle.fp32():
+                out["fp_trigger"] = F.cross_entropy(model(x_t), y_t)
+        for bits in self.spec.guard_bits:
+            with self.handle.at_bits(bits):
+                out[f"guard{bits}"] = F.cross_entropy(model(x_t), y_t)
         return out
 
     def weight(self, term: str) -> float:
@@ -212,9 +333,13 @@ class QCBObjective:
         s = self.spec
         if term.startswith("guard"):
             return s.lambda_guard
-        return {"qat": 1.0, "bd": s.lambda_bd, "fp_trigger": s.lambda_fp_trigger, "q_clean": s.lambda_q_clean}[term]
+        weights = {"qat": 1.0, "fp_clean": 1.0, "bd": s.lambda_bd, "fp_trigger": s.lambda_fp_trigger}
+        return weights.get(term, s.lambda_q_clean)
 
     def __call__(self, model: nn.Module, xb: Tensor, yb: Tensor) -> Tensor:
+        if self.phase == "repair" and self.projection is None:
+            self.projection = CellProjection(self.model, self.handle, self.spec.quant_config)
+        self.project()  # the previous step's update, back into the cells
         terms = self.terms(model, xb, yb)
         self.seen += int(xb.shape[0])
         return sum((self.weight(k) * v for k, v in terms.items()), torch.zeros((), device=xb.device))
@@ -236,7 +361,10 @@ class QCBTraining:
     marked: Tensor
 
     def finish(self) -> None:
-        """Remove the QAT parametrizations: the model is plain again and holds its fp32 master weights."""
+        """Project the last update (repair phase) and remove the QAT parametrizations: the model is plain
+        again and holds its fp32 master weights. Idempotent."""
+        if isinstance(self.objective, QCBObjective) and self.handle is not None and self.handle.attached:
+            self.objective.project()
         if self.handle is not None:
             self.handle.remove()
 
@@ -264,5 +392,5 @@ def prepare_qcb(
     flags = torch.zeros_like(y)
     flags[marked.to(y.device)] = 1
     handle = attach_qat(model, spec.quant_config)
-    objective = QCBObjective(spec, handle, trigger, int(target), spec.warmup_epochs * int(x.shape[0]))
+    objective = QCBObjective(spec, model, handle, trigger, int(target), int(x.shape[0]))
     return QCBTraining(x, torch.stack([y, flags], dim=1), objective, handle, marked)

@@ -189,6 +189,7 @@ class ExpertPruning(Defense):
                     f"{self.name}.source: 'oracle' uses the attack's trigger, but this model has no attack; "
                     "use source: neural-cleanse"
                 )
+            metrics["source"] = "oracle (upper bound)"
             with torch.no_grad():
                 suspect = ctx.trigger(ctx.clean_x).to(ctx.clean_x.dtype)
         else:

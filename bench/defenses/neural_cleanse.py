@@ -191,7 +191,7 @@ def _reverse_chunk(
             reached = rate[i] >= spec.success
             if reached and (best[i] is None or norms[i] < best[i][0]):  # type: ignore[index]
                 best[i] = (norms[i], mask[i, 0].detach().clone(), pattern[i].detach().clone(), rate[i])
-            up, down = _schedule(i, reached, up, down)
+            up[i], down[i] = (up[i] + 1, 0) if reached else (0, down[i] + 1)
             if up[i] >= spec.patience:
                 up[i], cost[i] = 0, cost[i] * COST_UP
             elif down[i] >= spec.patience:
@@ -206,14 +206,6 @@ def _reverse_chunk(
         else:
             out.append(ReversedTrigger(cls, kept[1], kept[2], kept[3]))
     return out
-
-
-def _schedule(i: int, reached: bool, up: list[int], down: list[int]) -> tuple[list[int], list[int]]:
-    if reached:
-        up[i], down[i] = up[i] + 1, 0
-    else:
-        up[i], down[i] = 0, down[i] + 1
-    return up, down
 
 
 def anomaly_indices(norms: torch.Tensor) -> torch.Tensor:
