@@ -14,8 +14,9 @@ config. Every (dataset, model, seed, train setting) also gets a clean training j
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from bench.registry import REGISTRY
@@ -30,12 +31,35 @@ EVAL_ONLY_TRAIN_KEYS = frozenset({"eval_batch_size"})
 TRAIN_SIZE_HINT = {"digits": 1437, "mnist": 60000, "fashion-mnist": 60000, "cifar10": 50000, "gtsrb": 39209}
 
 
-def job_id(kind: str, spec: dict[str, Any], deps: tuple[str, ...]) -> str:
-    """Content hash of a job: same kind, spec and inputs -> same id, whatever scenario asked for it."""
-    payload = json.dumps(
-        {"v": JOB_SCHEMA_VERSION, "kind": kind, "spec": spec, "deps": list(deps)}, sort_keys=True, default=str
+def job_id(kind: str, spec: dict[str, Any], deps: tuple[str, ...], memo: dict[int, str] | None = None) -> str:
+    """Content hash of a job: same kind, spec and inputs -> same id, whatever scenario asked for it.
+
+    The hashed text is ``json.dumps({"deps", "kind", "spec", "v"}, sort_keys=True)``; ``memo`` caches the
+    serialisation of component dicts shared by many jobs (keyed by object id, valid while they live), so
+    planning a matrix of 100k jobs serialises each component once.
+    """
+    spec_text = ", ".join(f'"{k}": {_canonical(spec[k], memo)}' for k in sorted(spec))
+    payload = (
+        f'{{"deps": {json.dumps(list(deps))}, "kind": {json.dumps(kind)}, "spec": {{{spec_text}}}, '
+        f'"v": {JOB_SCHEMA_VERSION}}}'
     )
     return f"{kind[:2]}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
+
+
+def _canonical(value: Any, memo: dict[int, str] | None) -> str:
+    """``json.dumps(value, sort_keys=True)``, with fast paths for scalars and memoised containers."""
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if type(value) is int or type(value) is float:
+        return json.dumps(value)
+    if memo is None or not isinstance(value, dict | list):
+        return json.dumps(value, sort_keys=True, default=str)
+    key = id(value)
+    if key not in memo:
+        memo[key] = json.dumps(value, sort_keys=True, default=str)
+    return memo[key]
 
 
 @dataclass(frozen=True)
@@ -66,7 +90,8 @@ class Cell:
     base_eval_job: str | None = None  # the same attacked model before the defense (for DER)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """A shallow dict (component specs are shared, not copied: cells of a large matrix are many)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass
@@ -115,56 +140,57 @@ def build(resolved: ResolvedScenario) -> Plan:
     """Expand the scenario's matrix into cells and deduplicated jobs."""
     plan = Plan(resolved.name)
     jobs: dict[str, Job] = {}
+    memo: dict[int, str] = {}
+    evals: dict[tuple[str, str, str | None], str] = {}
 
     def add(kind: str, spec: dict[str, Any], deps: tuple[str, ...] = ()) -> str:
-        jid = job_id(kind, spec, deps)
+        jid = job_id(kind, spec, deps, memo)
         jobs.setdefault(jid, Job(jid, kind, spec, deps))
         return jid
+
+    def evaluate(source: str, attack: dict[str, Any] | None, quant: dict[str, Any], stage: str | None = None,
+                 *, dataset: dict[str, Any], model: dict[str, Any], train: dict[str, Any]) -> str:
+        key = (source, quant["label"], stage)
+        if key not in evals:
+            spec = _eval_spec(dataset, model, attack, train, quant)
+            if stage is not None:
+                spec["stage"] = stage
+            evals[key] = add("evaluate", spec, (source,))
+        return evals[key]
 
     scenario = resolved.scenario
     attacks: list[tuple[dict[str, Any] | None, float | None]] = [(None, None)]
     attacks += [(attack, rate) for attack in resolved.attacks for rate in scenario.poison_rates]
-    for dataset in resolved.datasets:
-        for model in resolved.models:
-            for train in resolved.train:
-                for seed in scenario.seeds:
-                    fit = {k: v for k, v in train.items() if k not in EVAL_ONLY_TRAIN_KEYS}
-                    base = {"dataset": dataset, "model": model, "train": fit, "seed": seed}
-                    clean_train = add("train", {**base, "attack": None, "poison_rate": None})
-                    for attack, rate in attacks:
-                        train_job = (
-                            clean_train if attack is None
-                            else add("train", {**base, "attack": attack, "poison_rate": rate})
-                        )
-                        for quant in resolved.quant:
-                            clean_eval = add("evaluate", _eval_spec(dataset, model, None, train, quant), (clean_train,))
-                            eval_job = (
-                                clean_eval if attack is None
-                                else add("evaluate", _eval_spec(dataset, model, attack, train, quant), (train_job,))
-                            )
-                            plan.cells.append(
-                                Cell(dataset, model, attack, rate, seed, train, train_job, eval_job, clean_eval, quant)
-                            )
-                        if attack is None:
-                            continue
-                        for defense in resolved.defenses:
-                            defend_job = add("defend", {**base, "attack": attack, "poison_rate": rate,
-                                                        "defense": defense}, (train_job,))
-                            plan.defenses.append({"dataset": dataset, "model": model, "attack": attack,
-                                                  "poison_rate": rate, "seed": seed, "train": train,
-                                                  "defense": defense, "job": defend_job})
-                            for stage in defense_stages(defense["name"]):
-                                for quant in resolved.quant:
-                                    clean_eval = add("evaluate", _eval_spec(dataset, model, None, train, quant),
-                                                     (clean_train,))
-                                    base_eval = add("evaluate", _eval_spec(dataset, model, attack, train, quant),
-                                                    (train_job,))
-                                    stage_spec = {**_eval_spec(dataset, model, attack, train, quant), "stage": stage}
-                                    eval_job = add("evaluate", stage_spec, (defend_job,))
-                                    plan.cells.append(Cell(
-                                        dataset, model, attack, rate, seed, train, train_job, eval_job, clean_eval,
-                                        quant, {**defense, "stage": stage}, base_eval,
-                                    ))
+    stages = {d["name"]: defense_stages(d["name"]) for d in resolved.defenses}
+    for dataset, model, train, seed in itertools.product(
+        resolved.datasets, resolved.models, resolved.train, scenario.seeds
+    ):
+        ctx = {"dataset": dataset, "model": model, "train": train}
+        fit = {k: v for k, v in train.items() if k not in EVAL_ONLY_TRAIN_KEYS}
+        base = {"dataset": dataset, "model": model, "train": fit, "seed": seed}
+        clean_train = add("train", {**base, "attack": None, "poison_rate": None})
+        for attack, rate in attacks:
+            train_job = (
+                clean_train if attack is None else add("train", {**base, "attack": attack, "poison_rate": rate})
+            )
+            for quant in resolved.quant:
+                plan.cells.append(Cell(
+                    dataset, model, attack, rate, seed, train, train_job,
+                    evaluate(train_job, attack, quant, **ctx), evaluate(clean_train, None, quant, **ctx), quant,
+                ))
+            if attack is None:
+                continue
+            for defense in resolved.defenses:
+                defend_job = add("defend", {**base, "attack": attack, "poison_rate": rate, "defense": defense},
+                                 (train_job,))
+                plan.defenses.append({"dataset": dataset, "model": model, "attack": attack, "poison_rate": rate,
+                                      "seed": seed, "train": train, "defense": defense, "job": defend_job})
+                for stage, quant in itertools.product(stages[defense["name"]], resolved.quant):
+                    plan.cells.append(Cell(
+                        dataset, model, attack, rate, seed, train, train_job,
+                        evaluate(defend_job, attack, quant, stage, **ctx), evaluate(clean_train, None, quant, **ctx),
+                        quant, {**defense, "stage": stage}, evaluate(train_job, attack, quant, **ctx),
+                    ))
     order = {"train": 0, "defend": 1, "evaluate": 2}
     plan.jobs = sorted(jobs.values(), key=lambda j: order.get(j.kind, 9))
     return plan

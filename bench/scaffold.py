@@ -125,7 +125,7 @@ def new_command(
         raise typer.Exit(2) from None
     plugin, test = written
     for path in written:
-        err.print(f"wrote {path}", highlight=False)
+        err.print(f"wrote {path}", highlight=False, soft_wrap=True)
     err.print(
         f"next: bench plugins --plugins {plugin}   |   python -m pytest {test}   |   "
         f"add '{plugin}' to a scenario's plugins: list (relative to the scenario file)",

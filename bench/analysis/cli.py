@@ -19,15 +19,16 @@ from bench.errors import BenchError
 
 err = Console(stderr=True)
 
-#: Metrics shown in the table (all of them are in the ``*-metrics.json`` file).
-COLUMNS = (
-    ("ba", "BA"),
-    ("asr", "ASR"),
-    ("route_rate_any", "routed"),
-    ("route_rate_clean_any", "routed (clean)"),
-    ("route_jaccard_mean", "Jaccard"),
-    ("route_expert_overlap", "overlap"),
-    ("load_cv_mean", "load CV"),
+#: Metrics shown in the table, in order (all of them are in the ``*-metrics.json`` files).
+ROWS = (
+    ("ba", "BA (stored)"),
+    ("asr", "ASR (stored)"),
+    ("route_rate_any", "trigger routed, any expert"),
+    ("route_rate_e*", "trigger routed, expert {i}"),
+    ("route_rate_clean_any", "same patches kept on clean"),
+    ("route_jaccard_mean", "Jaccard clean vs triggered"),
+    ("route_expert_overlap", "overlap between experts"),
+    ("load_cv_mean", "load CV (mean of experts)"),
 )
 
 
@@ -65,31 +66,32 @@ def analyze(
             err.print(f"[yellow]skipped[/] {note}", highlight=False, soft_wrap=True)
     for result in results:
         err.print(metrics_table(result))
-    err.print("routed: share of triggered images on which some expert keeps a patch the trigger touches; "
-              "definitions in bench/analysis/routing.py, every metric in the *-metrics.json files")
+    err.print("shares of images in [0, 1]; definitions in bench/analysis/routing.py, every metric in the "
+              "*-metrics.json files")
     for result in results:
         for path in result.files:
             typer.echo(str(path))
 
 
 def metrics_table(result: SettingResult) -> Table:
-    """One row per analyzed model of a setting: stored BA / ASR beside the routing metrics."""
+    """One column per analyzed model of a setting, one row per metric (stored BA / ASR first)."""
     table = Table(title=result.group.title, title_justify="left")
-    table.add_column("model", no_wrap=True)
-    for _, head in COLUMNS:
-        table.add_column(head, justify="right")
-    table.add_column("routed per expert", justify="right")
-    for label, metrics in result.metrics.items():
-        experts = sorted((k for k in metrics if k.startswith("route_rate_e")), key=lambda k: int(k[12:]))
-        table.add_row(
-            label, *(_fmt(metrics.get(key)) for key, _ in COLUMNS),
-            " ".join(f"{metrics[k]:.2f}" for k in experts) or "-",
-        )
+    table.add_column("metric", no_wrap=True)
+    for label in result.metrics:
+        table.add_column(label, justify="right")
+    columns = list(result.metrics.values())
+    for key, name in ROWS:
+        if key.endswith("*"):
+            experts = max(sum(k.startswith(key[:-1]) for k in m) for m in columns)
+            for i in range(experts):
+                table.add_row(name.format(i=i + 1), *(_fmt(m.get(f"{key[:-1]}{i}")) for m in columns))
+        elif any(key in m for m in columns):
+            table.add_row(name, *(_fmt(m.get(key)) for m in columns))
     return table
 
 
 def _fmt(value: Any) -> str:
-    return "-" if value is None else f"{float(value):.3f}"
+    return "-" if value is None else f"{float(value):.2f}"
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=analyze.__doc__)

@@ -25,8 +25,11 @@ PANEL_INCHES = 1.3
 DPI = 110
 #: How far an unselected patch is faded toward white in the selection maps (0 = not at all).
 FADE = 0.75
-TOUCH_COLOR = "red"
+#: Outline of the patches the trigger touches (not one of the expert colours C0-C9).
+TOUCH_COLOR = "magenta"
 HIST_BINS = 20
+#: Heat maps of grids up to this many patches print their values in the cells (more would not fit).
+ANNOTATE_MAX_PATCHES = 36
 
 
 def patch_means(images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -133,7 +136,7 @@ def draw_frequency_maps(
                 continue
             data = panels[c] if c < freq.shape[0] else panels[-1]
             image = ax.imshow(data.numpy(), cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
-            if data.numel() <= 64:
+            if data.numel() <= ANNOTATE_MAX_PATCHES:
                 _annotate(ax, data)
             if outline is not None:
                 _outline(ax, outline, outline.shape)
@@ -162,7 +165,7 @@ def draw_patch_values(
     one column per expert; ``values[label] = (per-expert values, values of all patches)``, the latter
     drawn as a grey outline so a preference for dark or bright patches shows against the whole."""
     experts = max(len(v[0]) for v in values.values())
-    layout = _Layout(panel=(1.7, 1.0), gap=(0.1, 0.1), left=1.0, right=0.1, top=0.25, bottom=0.65)
+    layout = _Layout(panel=(1.7, 1.0), gap=(0.1, 0.1), left=1.05, right=0.1, top=0.25, bottom=0.65)
     fig, axes = _panels(len(values), experts, title, layout, share=True)
     edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
     for r, (label, (per_expert, every)) in enumerate(values.items()):
@@ -181,7 +184,7 @@ def draw_patch_values(
                 ax.set_title(f"expert {e + 1}", fontsize=8)
             if r == len(values) - 1:
                 ax.set_xlabel("mean pixel value of patch", fontsize=7)
-        axes[r][0].set_ylabel(_label(label, 24) + "\nshare of patches", fontsize=7)
+        axes[r][0].set_ylabel(_label(label, 16) + "\nshare of patches", fontsize=7)
     for ax in axes.flat:
         ax.label_outer()
     handles, names = axes[0][0].get_legend_handles_labels()

@@ -68,6 +68,8 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None,
         raise BenchError(f"--images: must be at least 1, got {opts.images}")
     if opts.test_images is not None and opts.test_images < 1:
         raise BenchError(f"--test-images: must be at least 1, got {opts.test_images}")
+    if opts.batch_size < 1:
+        raise BenchError(f"--batch-size: must be at least 1, got {opts.batch_size}")
     store = open_existing(run_dir)
     cells = store.get_meta("cells")
     if not cells:
