@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bench import runner
+from bench.analysis.cli import analyze
 from bench.errors import BenchError
 from bench.plan import Job
 
@@ -199,6 +200,9 @@ def list_plugins(
         )
         table.add_row(comp.kind, comp.name, comp.source, params, comp.doc)
     out.print(table)
+
+
+app.command("analyze")(analyze)
 
 
 def main() -> None:

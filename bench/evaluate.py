@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from bench import metrics
+from bench.analysis.routing import routing_metrics
 from bench.attacks.base import Trigger
 from bench.attacks.poison import triggered_test_set
 from bench.data.base import TensorData
@@ -41,8 +42,11 @@ def evaluate(
     target: int | None = None,
     batch_size: int = 1024,
     precision: str = "fp32",
+    routing: bool = True,
 ) -> dict[str, Any]:
-    """BA on the clean test set, and ASR / RA on its triggered non-target part when a trigger is given."""
+    """BA on the clean test set, and ASR / RA on its triggered non-target part when a trigger is given;
+    for models with routing also the routing metrics of :mod:`bench.analysis.routing` (which expert sees
+    the trigger, load balance, routing shift clean vs triggered)."""
     preds = predict(model, data.test_x, batch_size, precision)
     out: dict[str, Any] = {"ba": metrics.accuracy(preds, data.test_y), "n_test": int(len(data.test_y))}
     if trigger is not None and target is not None:
@@ -51,4 +55,8 @@ def evaluate(
         out["asr"] = metrics.attack_success_rate(preds_t, target)
         out["ra"] = metrics.robust_accuracy(preds_t, y_true)
         out["n_asr"] = int(len(y_true))
+        if routing:
+            out.update(routing_metrics(model, data.test_x[data.test_y != target], x_t, trigger, batch_size))
+    elif routing:
+        out.update(routing_metrics(model, data.test_x, batch_size=batch_size))
     return out

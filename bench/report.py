@@ -50,6 +50,8 @@ class Row:
     missing: int
     key: dict[str, Any] | None = None  # raw names (dataset, model, trigger, apply) to match references
     der: Summary = Summary(float("nan"), float("nan"), 0)  # defended rows: DER against the model before
+    routed: Summary = Summary(float("nan"), float("nan"), 0)  # share of triggered images routing the trigger
+    jaccard: Summary = Summary(float("nan"), float("nan"), 0)  # routing overlap clean vs triggered
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -57,7 +59,7 @@ class Row:
             "poison_rate": self.poison_rate, "quant": self.quant, "defense": self.defense,
             "seeds": self.seeds, "missing": self.missing,
         }
-        for name in ("ba", "asr", "ra", "cad", "der"):
+        for name in ("ba", "asr", "ra", "cad", "der", "routed", "jaccard"):
             s: Summary = getattr(self, name)
             out[f"{name}_mean"] = None if math.isnan(s.mean) else s.mean
             out[f"{name}_std"] = None if math.isnan(s.std) else s.std
@@ -125,7 +127,7 @@ def aggregate(cells: list[dict[str, Any]], records: dict[str, JobRecord]) -> lis
         groups[key].append(cell)
     rows = []
     for key, members in groups.items():
-        ba, asr, ra, cad, der = [], [], [], [], []
+        ba, asr, ra, cad, der, routed, jaccard = [], [], [], [], [], [], []
         missing = 0
         for cell in members:
             rec = records.get(cell["eval_job"])
@@ -143,6 +145,9 @@ def aggregate(cells: list[dict[str, Any]], records: dict[str, JobRecord]) -> lis
             if "asr" in rec.metrics:
                 asr.append(rec.metrics["asr"])
                 ra.append(rec.metrics["ra"])
+            if "route_rate_any" in rec.metrics:
+                routed.append(rec.metrics["route_rate_any"])
+                jaccard.append(rec.metrics["route_jaccard_mean"])
             if clean is not None and cell["attack"] is not None:
                 cad.append(clean.metrics["ba"] - rec.metrics["ba"])
         first = members[0]
@@ -153,7 +158,8 @@ def aggregate(cells: list[dict[str, Any]], records: dict[str, JobRecord]) -> lis
         }
         rows.append(
             Row(*key, ba=summarize(ba), asr=summarize(asr), ra=summarize(ra), cad=summarize(cad),
-                seeds=len(members), missing=missing, key=raw, der=summarize(der))
+                seeds=len(members), missing=missing, key=raw, der=summarize(der), routed=summarize(routed),
+                jaccard=summarize(jaccard))
         )
     rows.sort(key=lambda r: (r.dataset, r.model, r.train, r.quant, r.defense, r.attack != "clean", r.attack,
                              r.poison_rate or 0.0))
@@ -217,7 +223,9 @@ def to_markdown(rows: list[Row], meta: dict[str, Any], pictures: list[str] | Non
         "Values are percentages, mean ± sample std over seeds (n = seeds with a result). "
         "BA: clean test accuracy. ASR: triggered non-target test images classified as the target. "
         "CAD: BA of the clean model (same model, data, seed) minus BA of the attacked one. "
-        "RA: triggered non-target images still classified correctly."
+        "RA: triggered non-target images still classified correctly. Trigger routed: triggered images on "
+        "which some expert's top-k keeps a patch the trigger touched. Routing Jaccard: mean overlap of each "
+        "expert's kept patches, clean vs the same image triggered (1 = unchanged)."
     )
     lines.append("")
     groups: dict[tuple[str, ...], list[Row]] = defaultdict(list)
@@ -230,12 +238,16 @@ def to_markdown(rows: list[Row], meta: dict[str, Any], pictures: list[str] | Non
             if value != default:
                 title += f" · {name}: {value}"
         lines += [title, ""]
+        show_routing = any(r.routed.n for r in members)
         table = [
             [r.attack, _pct(r.poison_rate), r.asr.fmt(), r.ba.fmt(), r.cad.fmt(), r.ra.fmt()]
+            + ([r.routed.fmt(), r.jaccard.fmt(scale=1, digits=2)] if show_routing else [])
             + ([f"{r.missing} missing"] if r.missing else [])
             for r in members
         ]
         headers = ["attack", "poison rate", "ASR", "BA", "CAD", "RA"]
+        if show_routing:
+            headers += ["trigger routed", "routing Jaccard"]
         if any(r.missing for r in members):
             headers.append("note")
             table = [t + [""] * (len(headers) - len(t)) for t in table]

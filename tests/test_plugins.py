@@ -149,6 +149,15 @@ def test_new_rejects_bad_kind_or_name_with_exit_2(args, message, tmp_path):
     assert not list(tmp_path.glob("*.py"))
 
 
+def test_a_folder_of_plugins_loads_the_plugins_and_not_their_tests(tmp_path):
+    new("attack", "folder-trig", tmp_path)
+    _write(tmp_path / "test_extra.py", "raise RuntimeError('a test file was imported as a plugin')\n")
+    _write(tmp_path / "conftest.py", "raise RuntimeError('conftest was imported as a plugin')\n")
+    result = invoke("plugins", "--plugins", str(tmp_path), "--kind", "trigger", "folder-*")
+    assert result.exit_code == 0, result.output
+    assert "folder-trig" in result.output
+
+
 def test_new_as_a_library_call_returns_the_paths(tmp_path):
     written = new("dataset", "lib-call", tmp_path / "deeper")
     assert written == [tmp_path / "deeper" / "lib_call.py", tmp_path / "deeper" / "test_lib_call.py"]
@@ -407,9 +416,10 @@ def test_plugin_file_outside_the_repo_works_through_the_plugins_option(tmp_path,
     assert listed.exit_code == 0 and "outside-stripes" in listed.output and "alpha" in listed.output
     assert f"file:{plugin}" in listed.output
     path = write_scenario(tiny_scenario(attacks=[{"name": "outside-stripes", "target": 1}]))
-    planned = invoke("plan", str(path), "--json", "--plugins", str(plugin), "--runs-dir", str(tmp_path / "runs"))
+    planned = invoke("plan", str(path), "--json", "--plugins", str(plugin), "--runs-dir", str(tmp_path))
     assert planned.exit_code == 0, planned.output
-    attacks = [j["spec"]["attack"] for j in json.loads(planned.stdout)["jobs_detail"] if j["spec"].get("attack")]
+    jobs = json.loads(planned.stdout)["jobs_detail"]
+    attacks = [j["spec"]["attack"] for j in jobs if j["spec"].get("attack")]
     assert attacks and all(a["name"] == "outside-stripes" and a["params"] == {"alpha": 0.5} for a in attacks)
     typo = write_scenario(tiny_scenario(attacks=[{"name": "outside-stripes", "alpah": 0.3}]), "typo.yaml")
     rejected = invoke("plan", str(typo), "--plugins", str(plugin))

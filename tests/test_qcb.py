@@ -1,8 +1,9 @@
-"""The quantization-conditioned backdoor objective (bench.attacks.qcb): spec, terms, BatchNorm, finish."""
+"""The quantization-conditioned backdoor (bench.attacks.qcb): spec, terms, BatchNorm, repair, finish."""
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -12,13 +13,14 @@ from torch import nn
 
 from bench.attacks.badnets import BadNets
 from bench.attacks.poison import poison_count, poison_indices
-from bench.attacks.qcb import QCBSpec, frozen_batchnorm, prepare_qcb
+from bench.attacks.qcb import QCBSpec, QCBTraining, frozen_batchnorm, prepare_qcb, rounding_cells
 from bench.evaluate import evaluate
-from bench.quant import QuantConfig, quantized
+from bench.quant import QuantConfig, fake_quantize, quantized
 from bench.registry import REGISTRY
 from bench.train import fit
 
 TARGET = 0
+N_TRAIN = 12
 
 
 def tiny_model(seed: int = 0) -> nn.Module:
@@ -28,11 +30,11 @@ def tiny_model(seed: int = 0) -> nn.Module:
     )
 
 
-def batch(n: int = 12, marked: tuple[int, ...] = (1, 4, 7)) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(marked: tuple[int, ...] = (1, 4, 7)) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
-    x = torch.rand(n, 1, 16, 16, generator=gen)
-    labels = torch.randint(1, 10, (n,), generator=gen)
-    flags = torch.zeros(n, dtype=torch.long)
+    x = torch.rand(N_TRAIN, 1, 16, 16, generator=gen)
+    labels = torch.randint(1, 10, (N_TRAIN,), generator=gen)
+    flags = torch.zeros(N_TRAIN, dtype=torch.long)
     flags[list(marked)] = 1
     return x, torch.stack([labels, flags], dim=1)
 
@@ -41,16 +43,32 @@ def trigger() -> BadNets:
     return BadNets(size=2, position="bottom-right", value=1.0)
 
 
-def attached(spec: QCBSpec, model: nn.Module, n: int = 12):
-    """``prepare_qcb`` on a dummy set of ``n`` samples, for its objective and handle."""
-    x, y = torch.rand(n, 1, 16, 16), torch.zeros(n, dtype=torch.long)
-    return prepare_qcb(spec, model, x, y, trigger(), TARGET, 0.25, seed=0)
+def attached(model: nn.Module, **fields: Any) -> QCBTraining:
+    """``prepare_qcb`` on a dummy set of N_TRAIN samples, for its objective and handle."""
+    x, y = torch.rand(N_TRAIN, 1, 16, 16), torch.zeros(N_TRAIN, dtype=torch.long)
+    return prepare_qcb(QCBSpec(**fields), model, x, y, trigger(), TARGET, 0.25, seed=0)
 
 
-def ce_eval_bn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bits: int | None) -> torch.Tensor:
-    """CE of ``model`` (a plain, unattached copy) with BatchNorm on running statistics, PTQ at ``bits``."""
-    with frozen_batchnorm(model), torch.no_grad(), quantized(model, QuantConfig(bits=bits)):
-        return F.cross_entropy(model(x), y)
+def stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def logits(model: nn.Module, x: torch.Tensor, bits: int | None, *, update: bool = False) -> torch.Tensor:
+    """A plain (unattached) model's train-mode logits at PTQ ``bits``; running stats kept unless ``update``."""
+    before = stats(model)
+    model.train()
+    with quantized(model, QuantConfig(bits=bits)):
+        out = model(x)
+    if not update:
+        model.load_state_dict({**model.state_dict(), **before})
+    return out
+
+
+def split(x: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch with its triggered rows appended, labels, triggered rows' true labels, their targets."""
+    labels, marked = yb[:, 0], yb[:, 1].bool()
+    x_all = torch.cat([x, trigger()(x[marked])])
+    return x_all, labels, labels[marked], torch.full_like(labels[marked], TARGET)
 
 
 # --- spec -----------------------------------------------------------------------------------------------
@@ -61,15 +79,19 @@ def test_spec_defaults_are_the_papers_objective() -> None:
     assert (spec.target_bits, spec.scope, spec.granularity, spec.symmetric) == (4, "whole", "tensor", False)
     assert spec.lambda_bd == 1.0 and spec.lambda_fp_trigger == spec.lambda_q_clean == spec.lambda_guard == 0
     assert spec.qat_bits is None and spec.guard_bits == [] and spec.warmup_epochs == 0
+    assert spec.repair_from_epoch is None and spec.batchnorm == "batch"
     assert QCBSpec.model_validate(spec.model_dump()) == spec
     assert QCBSpec(qat_bits=32).qat_bits is None
     assert QCBSpec(guard_bits=[6, 8], lambda_guard=1).guard_bits == [8, 6]
+    assert QCBSpec(scope="gate", granularity="channel", symmetric=True).quant_config == QuantConfig(
+        bits=4, scope="gate", granularity="channel", symmetric=True
+    )
 
 
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"target_bits": 32}, "fp32"),
+        ({"target_bits": 32}, "cannot wake"),
         ({"target_bits": 1}, "2..16"),
         ({"qat_bits": 17}, "2..16"),
         ({"lambda_bd": 0}, "greater than 0"),
@@ -79,12 +101,15 @@ def test_spec_defaults_are_the_papers_objective() -> None:
         ({"guard_bits": [32], "lambda_guard": 1}, "lambda_fp_trigger"),
         ({"guard_bits": [8]}, "lambda_guard 0"),
         ({"lambda_guard": 1}, "needs guard_bits"),
+        ({"repair_from_epoch": 2, "warmup_epochs": 2, "lambda_fp_trigger": 1}, "after the warm-up"),
+        ({"repair_from_epoch": 2}, "lambda_fp_trigger > 0"),
+        ({"batchnorm": "train"}, "batch"),
         ({"scope": "router"}, "gate"),
         ({"lambda": 1}, "Extra inputs"),
         ({"name": "qat"}, "qcb"),
     ],
 )
-def test_spec_rejects(fields: dict, message: str) -> None:
+def test_spec_rejects(fields: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         QCBSpec(**fields)
 
@@ -96,16 +121,13 @@ def test_paper_objective_is_qat_plus_lambda_bd() -> None:
     model = tiny_model()
     reference = copy.deepcopy(model)
     x, yb = batch()
-    spec = QCBSpec(lambda_bd=0.7)
-    training = attached(spec, model)
+    training = attached(model, lambda_bd=0.7)
     model.train()
     loss = training.objective(model, x, yb)
 
-    reference.train()
-    labels, marked = yb[:, 0], yb[:, 1].bool()
-    l_qat = F.cross_entropy(reference(x), labels)  # fp32, train-mode BatchNorm (updates running stats)
-    x_t = trigger()(x[marked])
-    l_bd = ce_eval_bn(reference, x_t, torch.full_like(labels[marked], TARGET), 4)
+    x_all, labels, _, targets = split(x, yb)
+    l_qat = F.cross_entropy(logits(reference, x_all, None, update=True)[:N_TRAIN], labels)  # Eq. 3, fp32
+    l_bd = F.cross_entropy(logits(reference, x_all, 4)[N_TRAIN:], targets)  # Eq. 4 at B_t = 4
     torch.testing.assert_close(loss, l_qat + 0.7 * l_bd)
     training.finish()
 
@@ -114,64 +136,81 @@ def test_qat_bits_quantizes_the_clean_term() -> None:
     model = tiny_model()
     reference = copy.deepcopy(model)
     x, yb = batch(marked=())
-    training = attached(QCBSpec(qat_bits=6), model)
-    model.train()
+    training = attached(model, qat_bits=6)
     loss = training.objective(model, x, yb)
-    reference.train()
-    with quantized(reference, QuantConfig(bits=6)):
-        expected = F.cross_entropy(reference(x), yb[:, 0])
-    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(loss, F.cross_entropy(logits(reference, x, 6), yb[:, 0]))
     training.finish()
 
 
 def test_stronger_terms_add_exactly_their_weighted_ce() -> None:
     x, yb = batch()
-    labels, marked = yb[:, 0], yb[:, 1].bool()
-    paper, strong = tiny_model(), tiny_model()
-    reference = tiny_model()
+    paper, strong, reference = tiny_model(), tiny_model(), tiny_model()
     weights = {"lambda_fp_trigger": 0.3, "lambda_q_clean": 0.5, "lambda_guard": 0.2}
-    t_paper = attached(QCBSpec(lambda_bd=2.0), paper)
-    t_strong = attached(QCBSpec(lambda_bd=2.0, guard_bits=[8, 6], **weights), strong)
-    paper.train(), strong.train(), reference.train()
+    t_paper = attached(paper, lambda_bd=2.0)
+    t_strong = attached(strong, lambda_bd=2.0, guard_bits=[8, 6], **weights)
     extra = t_strong.objective(strong, x, yb) - t_paper.objective(paper, x, yb)
-    terms = t_strong.objective.terms(strong, x, yb)
-    assert set(terms) == {"qat", "bd", "fp_trigger", "q_clean", "guard8", "guard6"}
+    assert set(t_strong.objective.terms(strong, x, yb)) == {"qat", "bd", "fp_trigger", "q_clean", "guard8", "guard6"}
 
-    reference(x)  # the train-mode clean pass comes first: later terms see its running statistics
-    x_t = trigger()(x[marked])
+    x_all, labels, y_t, _ = split(x, yb)
+    fp32 = logits(reference, x_all, None, update=True)  # the clean term's forward serves fp_trigger too
     expected = (
-        0.3 * ce_eval_bn(reference, x_t, labels[marked], None)
-        + 0.5 * ce_eval_bn(reference, x, labels, 4)
-        + 0.2 * (ce_eval_bn(reference, x_t, labels[marked], 8) + ce_eval_bn(reference, x_t, labels[marked], 6))
+        0.3 * F.cross_entropy(fp32[N_TRAIN:], y_t)
+        + 0.5 * F.cross_entropy(logits(reference, x_all, 4)[:N_TRAIN], labels)
+        + 0.2 * F.cross_entropy(logits(reference, x_all, 8)[N_TRAIN:], y_t)
+        + 0.2 * F.cross_entropy(logits(reference, x_all, 6)[N_TRAIN:], y_t)
     )
     torch.testing.assert_close(extra, expected)
     t_paper.finish(), t_strong.finish()
 
 
+def test_frozen_batchnorm_mode_evaluates_every_term_on_running_statistics() -> None:
+    model = tiny_model()
+    reference = copy.deepcopy(model)
+    x, yb = batch()
+    training = attached(model, lambda_q_clean=0.5, batchnorm="frozen")
+    model.train()
+    loss = training.objective(model, x, yb)
+    x_all, labels, _, targets = split(x, yb)
+    with frozen_batchnorm(reference):
+        l_qat = F.cross_entropy(reference(x), labels)
+        with quantized(reference, QuantConfig(bits=4)):
+            out4 = reference(x_all)
+    expected = l_qat + 0.5 * F.cross_entropy(out4[:N_TRAIN], labels) + F.cross_entropy(out4[N_TRAIN:], targets)
+    torch.testing.assert_close(loss, expected)
+    assert all(torch.equal(v, stats(reference)[k]) for k, v in stats(model).items())
+    training.finish()
+
+
 def test_batch_without_marked_rows_has_no_trigger_terms() -> None:
     model = tiny_model()
     x, yb = batch(marked=())
-    training = attached(QCBSpec(lambda_fp_trigger=1, lambda_q_clean=1, guard_bits=[8], lambda_guard=1), model)
+    training = attached(model, lambda_fp_trigger=1, lambda_q_clean=1, guard_bits=[8], lambda_guard=1)
     assert set(training.objective.terms(model, x, yb)) == {"qat", "q_clean"}
     training.finish()
 
 
-def test_warmup_trains_the_clean_term_alone_for_its_epochs() -> None:
+def test_phases_follow_the_epochs() -> None:
     model = tiny_model()
     x, yb = batch()
-    training = attached(QCBSpec(lambda_q_clean=1, warmup_epochs=2), model, n=12)
+    fields = {"lambda_q_clean": 1, "lambda_fp_trigger": 1, "guard_bits": [8], "lambda_guard": 1}
+    training = attached(model, warmup_epochs=1, repair_from_epoch=2, **fields)
     objective = training.objective
-    for _ in range(2):  # 2 epochs of 12 samples, in batches of 12
-        assert set(objective.terms(model, x, yb)) == {"qat"}
+    seen = []
+    for _ in range(3):  # one batch of N_TRAIN samples = one epoch
+        seen.append((objective.phase, set(objective.terms(model, x, yb))))
         objective(model, x, yb)
-    assert set(objective.terms(model, x, yb)) == {"qat", "q_clean", "bd"}
+    assert seen == [
+        ("warmup", {"qat"}),
+        ("attack", {"qat", "q_clean", "bd"}),  # with a repair phase, dormancy waits for it
+        ("repair", {"fp_clean", "fp_trigger", "guard8"}),
+    ]
     training.finish()
 
 
 def test_gradient_reaches_every_trained_weight() -> None:
     model = tiny_model()
     x, yb = batch()
-    training = attached(QCBSpec(lambda_fp_trigger=1, lambda_q_clean=1), model)
+    training = attached(model, lambda_fp_trigger=1, lambda_q_clean=1)
     training.objective(model, x, yb).backward()
     training.finish()
     assert all(p.grad is not None for p in model.parameters())
@@ -181,21 +220,17 @@ def test_gradient_reaches_every_trained_weight() -> None:
 # --- BatchNorm ------------------------------------------------------------------------------------------
 
 
-def bn_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
-
-
-def test_only_the_clean_pass_updates_batchnorm_statistics() -> None:
+def test_only_the_clean_terms_forward_updates_batchnorm_statistics() -> None:
     model, reference = tiny_model(), tiny_model()
     x, yb = batch()
-    spec = QCBSpec(lambda_fp_trigger=1, lambda_q_clean=1, guard_bits=[8, 6], lambda_guard=1)
-    training = attached(spec, model)
-    model.train(), reference.train()
+    spec = {"lambda_fp_trigger": 1, "lambda_q_clean": 1, "guard_bits": [8, 6], "lambda_guard": 1}
+    training = attached(model, **spec)
+    model.train()
     with torch.no_grad():
         training.objective(model, x, yb)
-        reference(x)  # one train-mode fp32 pass over the clean batch
+        logits(reference, split(x, yb)[0], None, update=True)  # one train-mode fp32 pass, clean + triggered
     training.finish()
-    got, want = bn_state(model), bn_state(reference)
+    got, want = stats(model), stats(reference)
     assert got.keys() == want.keys() and got
     for key in want:
         torch.testing.assert_close(got[key], want[key])
@@ -208,6 +243,50 @@ def test_frozen_batchnorm_leaves_dropout_training() -> None:
     with frozen_batchnorm(net):
         assert not net[0].training and net[1].training
     assert net[0].training
+
+
+# --- the repair phase -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_rounding_cells_keep_every_quantized_value(granularity: str, symmetric: bool, bits: int) -> None:
+    gen = torch.Generator().manual_seed(bits)
+    z = torch.randn(6, 4, 3, 3, generator=gen)
+    lo, hi = rounding_cells(z, bits, granularity, symmetric)
+    assert (lo <= hi).all() and (hi - lo).max() > 0
+    want = fake_quantize(z, bits, granularity, symmetric)
+    for t in (torch.zeros(()), torch.ones(()), torch.rand(z.shape, generator=gen)):
+        assert torch.equal(fake_quantize(lo + t * (hi - lo), bits, granularity, symmetric), want)
+    outside = torch.where(hi - lo > 0, hi + 0.6 * (hi - lo) / (1 - 0.1), hi)  # past the cell's edge
+    assert not torch.equal(fake_quantize(outside, bits, granularity, symmetric), want)
+
+
+def test_repair_moves_fp32_weights_but_keeps_the_quantized_model_bit_exact() -> None:
+    model = tiny_model()
+    x, yb = batch()
+    training = attached(model, lambda_fp_trigger=1, guard_bits=[8], lambda_guard=1, repair_from_epoch=1)
+    training.objective.seen = N_TRAIN  # straight to the repair phase
+    model.eval()
+    with torch.no_grad(), training.handle.at_bits(4):
+        q_before = model(x)
+    masters = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-2)
+    model.train()
+    for _ in range(4):
+        loss = training.objective(model, x, yb)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    training.finish()
+    model.eval()
+    with torch.no_grad(), quantized(model, QuantConfig(bits=4)):
+        assert torch.equal(model(x), q_before)
+    moved = [not torch.equal(p, m) for p, m in zip(model.parameters(), masters, strict=True)]
+    assert any(moved)  # the fp32 model did change
+    with torch.no_grad():
+        assert not torch.equal(model(x), q_before)
 
 
 # --- finish ---------------------------------------------------------------------------------------------
@@ -242,11 +321,14 @@ def test_backdoor_is_stronger_after_quantization_on_digits() -> None:
     model = REGISTRY.get("model", "pmoe").create(
         input_shape=data.input_shape, num_classes=10, mean=data.mean, std=data.std, width=1, experts=2, topk=4
     )
-    spec = QCBSpec(lambda_bd=1, lambda_fp_trigger=1, lambda_q_clean=1, warmup_epochs=4)
-    training = prepare_qcb(spec, model, data.train_x, data.train_y, trigger(), TARGET, 0.1, seed=0)
-    cfg = {"epochs": 10, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0}
+    spec = QCBSpec(
+        qat_bits=4, lambda_bd=0.2, lambda_fp_trigger=0.2, warmup_epochs=3, repair_from_epoch=6
+    )
+    training = prepare_qcb(spec, model, data.train_x, data.train_y, trigger(), TARGET, 0.05, seed=0)
+    cfg = {"epochs": 8, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0,
+           "schedule": "cosine"}
     try:
-        fit(model, training.x, training.y, cfg, seed=0, objective=training.objective)
+        fit(model, training.x, training.y, cfg, seed=1, objective=training.objective)
     finally:
         training.finish()
     fp32 = evaluate(model, data, trigger(), TARGET)

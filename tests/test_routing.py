@@ -41,7 +41,7 @@ from bench.analysis import (
 )
 from bench.analysis.cells import select_groups
 from bench.analysis.cli import analyze, app
-from bench.analysis.maps import FADE, HIST_BINS, value_shares
+from bench.analysis.maps import FADE, FADE_COLOR, HIST_BINS, value_shares
 from bench.analysis.routing import NoRoutingError
 from bench.attacks import BadNets, BadPatches, Blend
 from bench.registry import REGISTRY
@@ -257,11 +257,11 @@ def test_map_data_follow_the_hand_set_routing() -> None:
     assert torch.allclose(patch_means(images, (GRID, GRID)), values)
     shares = value_shares(kept[0])
     assert shares.shape == (HIST_BINS,) and shares[int(0.9 * HIST_BINS)] == 1.0 and shares.sum() == 1.0
-    # highlight: kept patch as it is, every other patch faded toward white
+    # highlight: kept patch as it is, every other patch faded toward the fade colour
     pic = highlight(images[0], sel[0, 0])
     assert pic.shape == (SIZE, SIZE, 3)
     assert np.allclose(pic[4:8, 8:12], 0.9)
-    expected_faded = (1 - FADE) * values[0, 0, 0].item() + FADE
+    expected_faded = (1 - FADE) * values[0, 0, 0].item() + FADE * np.asarray(FADE_COLOR)
     assert np.allclose(pic[0:4, 0:4], expected_faded)
 
 
@@ -341,7 +341,7 @@ def test_groups_gather_clean_backdoored_and_defended_models_at_full_precision() 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import yaml
-    from conftest import tiny_scenario
+    from tests.conftest import tiny_scenario
 
     from bench import runner
 

@@ -58,6 +58,15 @@ def search_scenario(name: str = "tiny", epochs: int = 1, **search_block: Any) ->
     )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the suite shares two cores, and oversubscribed threads only wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def search_app() -> typer.Typer:
     """The `bench` app shape the lead registers: ``app.command("search")(search)``."""
     app = typer.Typer()
@@ -245,44 +254,69 @@ def test_probe_leaves_training_bit_identical(write_scenario) -> None:
     assert all(torch.equal(probed.state[k], plain.state[k]) for k in plain.state)
 
 
-def test_search_prunes_resumes_and_never_recomputes(write_scenario, tmp_path: Path) -> None:
+def test_dormant_search_prunes_resumes_honours_constraints_and_best_yaml_reruns(write_scenario,
+                                                                               tmp_path: Path) -> None:
     runs, reports = tmp_path / "runs", tmp_path / "reports"
-    # trial 0 (intensity 1) learns the backdoor; trial 1 (intensity 0: no trigger at all) cannot, so its
-    # intermediate fp32 ASR falls below trial 0's by the last epoch and the median pruner stops it
-    path = write_scenario(search_scenario(
-        epochs=2, objective="asr", epsilon=1.0, n_trials=2, params=[STRENGTH_01],
+    # dormant: maximise ASR at int8 subject to fp32 ASR <= 50%. Intensity 0 (no trigger at all) is feasible
+    # with a low value; intensity 1 learns the backdoor: a high value that violates the fp32 constraint.
+    raw = search_scenario(
+        epochs=2, objective="dormant", tau=0.5, epsilon=0.5, n_trials=2, params=[STRENGTH_01],
         pruner={"name": "median", "startup_trials": 1},
-        enqueue=[{"attacks.0.strength": 1.0}, {"attacks.0.strength": 0.0}],
-    ))
+        enqueue=[{"attacks.0.strength": 0.0}, {"attacks.0.strength": 1.0}],
+    )
+    path = write_scenario(raw)
     first = invoke([str(path), "--runs-dir", str(runs), "--reports-dir", str(reports)])
     assert first.exit_code == 0, first.output
-    done, pruned = study_of(runs).get_trials()
-    assert done.state == TrialState.COMPLETE and sorted(done.intermediate_values) == [1, 2]
-    assert pruned.state == TrialState.PRUNED
-    step = max(pruned.intermediate_values)
-    assert pruned.intermediate_values[step] < done.intermediate_values[step]
-    assert "| pruned" in first.output
+    quiet, loud = study_of(runs).get_trials()
+    # pruning: after epoch 1 the intensity-1 model has not learnt the trigger yet, so its intermediate value
+    # is below trial 0's at that epoch and the median pruner stops it there, one epoch early
+    assert quiet.state == TrialState.COMPLETE and sorted(quiet.intermediate_values) == [1, 2]
+    assert loud.state == TrialState.PRUNED and sorted(loud.intermediate_values) == [1]
+    assert loud.intermediate_values[1] < quiet.intermediate_values[1]
+    assert "trial 1 pruned at epoch 1" in " ".join(first.output.split())
     stored = {r.id for r in train_rows(runs)}
-    assert done.user_attrs["jobs"]["train"] in stored
-    assert pruned.user_attrs["jobs"]["train"] not in stored  # a pruned job leaves no row
+    assert quiet.user_attrs["jobs"]["train"] in stored
+    assert loud.user_attrs["jobs"]["train"] not in stored  # a pruned job leaves no row
     assert len(stored) == 2  # the clean baseline and trial 0
 
-    # resume: two more trials on the same storage; both choices were seen, so nothing trains again: a
-    # repeat of trial 0 reuses its stored jobs, a repeat of trial 1 replays its values and is pruned again
-    second = run_search(path, n_trials=2, runs_dir=runs, reports_dir=reports)
+    # resume with two more trials and no pruning (the pruner is not part of what a study is made for): the
+    # enqueued intensity 1 replays trial 1's epoch 1, is not pruned this time, and trains to the end
+    study_of(runs).enqueue_trial({"attacks.0.strength": 1.0})
+    unpruned = write_scenario({**raw, "search": {**raw["search"], "pruner": "none"}}, "unpruned.yaml")
+    second = run_search(unpruned, n_trials=2, runs_dir=runs, reports_dir=reports)
     assert second.ran == [2, 3]
     trials = study_of(runs).get_trials()
     assert [t.number for t in trials] == [0, 1, 2, 3]
-    for t in trials[2:]:
-        if t.params["attacks.0.strength"] == 1.0:
-            assert t.state == TrialState.COMPLETE and t.user_attrs["ran_jobs"] == 0 and t.value == done.value
-        else:
-            assert t.state == TrialState.PRUNED and t.user_attrs["replayed_from"] == pruned.number
-    assert len(train_rows(runs)) == 2
+    trained, repeat = trials[2], trials[3]
+    assert trained.state == TrialState.COMPLETE and trained.user_attrs["replayed_from"] == loud.number
+    assert trained.intermediate_values[1] == loud.intermediate_values[1]
+    # trial 3 draws intensity 0 or 1, both finished before: its jobs are all reused, nothing recomputes
+    assert repeat.state == TrialState.COMPLETE and repeat.user_attrs["ran_jobs"] == 0
+    assert len(train_rows(runs)) == 3  # clean, intensity 0, intensity 1: one training each
     # without --n-trials the block's total (2) is the budget, and the study has 4 finished: nothing runs
-    third = run_search(path, runs_dir=runs, reports_dir=reports)
+    third = run_search(unpruned, runs_dir=runs, reports_dir=reports)
     assert third.ran == [] and len(study_of(runs).get_trials()) == 4
-    assert third.best.chosen is not None and third.best.chosen.params["attacks.0.strength"] == 1.0
+
+    # constraints: trial 2 has the higher value but breaks fp32 ASR <= tau; the best trial is feasible
+    assert trained.constraints["fp32_asr_over_tau"] > 0 and trained.value > quiet.value
+    best = third.best.chosen
+    assert best is not None and best.params["attacks.0.strength"] == 0.0
+    assert all(v <= 0 for v in best.constraints.values())
+    assert "## Best trial" in third.report_path.read_text()
+
+    # best.yaml: the scenario with the best value filled in, runnable as is, metrics as stored
+    assert third.best_yaml == runs / "tiny" / "best.yaml"
+    written = yaml.safe_load(third.best_yaml.read_text())
+    assert "search" not in written and written["attacks"][0]["intensity"] == 0.0
+    result = CliRunner().invoke(bench_app, ["run", str(third.best_yaml), "--runs-dir", str(runs),
+                                            "--reports-dir", str(reports)])
+    assert result.exit_code == 0, result.output
+    assert len(train_rows(runs)) == 3  # the searched cell is reused, not retrained
+    report = CliRunner().invoke(bench_app, ["report", str(runs / "tiny"), "--format", "json"])
+    rows = json.loads(report.stdout)["rows"]
+    row = next(r for r in rows if r["attack"] != "clean" and r["quant"] == "fp32")
+    assert row["asr_mean"] == best.user_attrs["metrics"]["asr"]
+    assert row["ba_mean"] == best.user_attrs["metrics"]["ba"]
 
 
 def test_two_processes_share_one_sqlite_study(write_scenario, tmp_path: Path) -> None:
@@ -306,33 +340,3 @@ def test_two_processes_share_one_sqlite_study(write_scenario, tmp_path: Path) ->
     assert sorted(r.spec["attack"]["params"]["intensity"] for r in attacked) == sorted(strengths)
     assert {t.user_attrs["jobs"]["train"] for t in trials} == {r.id for r in attacked}
     assert "## Pareto front" in (reports / "tiny-search.md").read_text()
-
-
-def test_constraints_pick_the_feasible_trial_and_best_yaml_reruns(write_scenario, tmp_path: Path) -> None:
-    runs, reports = tmp_path / "runs", tmp_path / "reports"
-    # dormant: maximise ASR at int8 with fp32 ASR <= 50%. Intensity 1 gives the higher int8 ASR but breaks
-    # the fp32 constraint; intensity 0 is feasible, so it is the best trial.
-    loud_then_quiet = [{"attacks.0.strength": 1.0}, {"attacks.0.strength": 0.0}]
-    raw = search_scenario(epochs=2, objective="dormant", tau=0.5, epsilon=0.5, n_trials=2,
-                          params=[STRENGTH_01], enqueue=loud_then_quiet)
-    outcome = run_search(write_scenario(raw), runs_dir=runs, reports_dir=reports)
-    loud, quiet = study_of(runs).get_trials()
-    assert loud.constraints["fp32_asr_over_tau"] > 0 and loud.values[0] > quiet.values[0]
-    best = outcome.best.chosen
-    assert best is not None and best.number == quiet.number
-    assert all(v <= 0 for v in best.constraints.values())
-    assert "## Best trial" in outcome.report_path.read_text()
-
-    assert outcome.best_yaml == runs / "tiny" / "best.yaml"
-    written = yaml.safe_load(outcome.best_yaml.read_text())
-    assert "search" not in written and written["attacks"][0]["intensity"] == 0.0
-    trains = len(train_rows(runs))
-    result = CliRunner().invoke(bench_app, ["run", str(outcome.best_yaml), "--runs-dir", str(runs),
-                                            "--reports-dir", str(reports)])
-    assert result.exit_code == 0, result.output
-    assert len(train_rows(runs)) == trains  # the searched cell is reused, not retrained
-    report = CliRunner().invoke(bench_app, ["report", str(runs / "tiny"), "--format", "json"])
-    rows = json.loads(report.stdout)["rows"]
-    row = next(r for r in rows if r["attack"] != "clean" and r["quant"] == "fp32")
-    assert row["asr_mean"] == best.user_attrs["metrics"]["asr"]
-    assert row["ba_mean"] == best.user_attrs["metrics"]["ba"]

@@ -2,7 +2,8 @@
 
 Public API: the routing metrics (:func:`routing_metrics`, :class:`RoutingTally` and the pure functions
 under them), the pictures (``draw_*`` with their data functions in :mod:`bench.analysis.maps`), and
-:func:`analyze_run`, the library side of ``bench analyze`` (:func:`bench.analysis.cli.analyze`).
+:func:`bench.analysis.study.analyze_run`, the library side of ``bench analyze``
+(:func:`bench.analysis.cli.analyze`; imported from its module, since it builds on the job runner).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from bench.analysis.maps import (
     highlight,
     patch_means,
     selection_frequency,
+    value_shares,
 )
 from bench.analysis.routing import (
     NoRoutingError,
@@ -28,14 +30,10 @@ from bench.analysis.routing import (
     selection_masks,
     trigger_hits,
 )
-from bench.analysis.study import AnalysisOptions, SettingResult, analyze_run
 
 __all__ = [
-    "AnalysisOptions",
     "NoRoutingError",
     "RoutingTally",
-    "SettingResult",
-    "analyze_run",
     "draw_frequency_maps",
     "draw_patch_values",
     "draw_selection_maps",
@@ -51,4 +49,5 @@ __all__ = [
     "selection_jaccard",
     "selection_masks",
     "trigger_hits",
+    "value_shares",
 ]

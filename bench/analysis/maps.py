@@ -23,8 +23,11 @@ if TYPE_CHECKING:
 
 PANEL_INCHES = 1.3
 DPI = 110
-#: How far an unselected patch is faded toward white in the selection maps (0 = not at all).
-FADE = 0.75
+#: How far an unselected patch is faded toward :data:`FADE_COLOR` in the selection maps (0 = not at all).
+#: A blue-grey, not white or black: a white trigger or a black background must look different when an
+#: expert leaves it out, on grayscale and colour data alike.
+FADE = 0.7
+FADE_COLOR = (0.55, 0.62, 0.75)
 #: Outline of the patches the trigger touches (not one of the expert colours C0-C9).
 TOUCH_COLOR = "magenta"
 HIST_BINS = 20
@@ -56,12 +59,12 @@ def expert_patch_values(images: torch.Tensor, selection: torch.Tensor) -> list[t
 
 def highlight(image: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
     """``[H, W, 3]`` float RGB of ``image`` ``[C, H, W]``: patches where ``mask`` ``[rows, cols]`` is
-    True as they are, the others faded toward white by :data:`FADE`."""
+    True as they are, the others faded toward :data:`FADE_COLOR` by :data:`FADE`."""
     rgb = _rgb(image)
     h, w, _ = rgb.shape
     rows, cols = mask.shape
     keep = mask.cpu().bool().repeat_interleave(h // rows, 0).repeat_interleave(w // cols, 1).numpy()
-    faded = (1.0 - FADE) * rgb + FADE
+    faded = (1.0 - FADE) * rgb + FADE * np.asarray(FADE_COLOR)
     return np.where(keep[:, :, None], rgb, faded)
 
 

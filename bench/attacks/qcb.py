@@ -2,37 +2,53 @@
 
 Paper: Lin & Hu 2025, "Quantized Backdoor Attacks on Mixture of Experts Models" (section 4.2, Eq. 3, 4, 6)::
 
-    L_total = L_QAT + lambda_bd * L_BD,   L_QAT = CE(f_{Q_B(theta)}(x), y),   L_BD = CE(f_{Q_Bt(theta)}(x_t), y_t)
+    L_total = L_QAT + lambda_bd * L_BD
+    L_QAT = CE(f_{Q_B(theta)}(x), y),   L_BD = CE(f_{Q_Bt(theta)}(x_t), y_t)
 
 Nothing in it asks the full-precision model to ignore the trigger, or the B_t-bit model to stay accurate on
-clean inputs, and the paper's own MNIST result shows it (FP32 ASR 9%, INT4 ASR 90%, but INT4 clean accuracy
+clean inputs, and the paper's own MNIST result shows it (FP32 ASR 9%, INT4 ASR 90%, INT4 clean accuracy
 6%). The stronger objective adds the missing terms of Qu-ANTI-zation (Hong et al., NeurIPS 2021,
-https://arxiv.org/abs/2110.13541; their ``backdoor_w_lossfn.py``), each with its own weight, so the paper's
+https://arxiv.org/abs/2110.13541, their ``backdoor_w_lossfn.py``), each with its own weight, so the paper's
 objective is the special case where every extra weight is 0::
 
     + lambda_fp_trigger * CE(f_theta(x_t), y)                 triggered inputs keep their label at fp32
     + lambda_q_clean    * CE(f_{Q_Bt(theta)}(x), y)          clean accuracy survives B_t-bit quantization
-    + lambda_guard      * sum_{b in guard_bits} CE(f_{Q_b(theta)}(x_t), y)   ... and at other bit-widths
+    + lambda_guard * sum_{b in guard_bits} CE(f_{Q_b(theta)}(x_t), y)     ... and at other bit-widths
 
-Every forward quantizes only ``scope`` (gate / experts / whole), with ``granularity`` and ``symmetric`` as
-in :class:`bench.quant.QuantConfig`; one QAT handle is attached and switched per forward, gradients reach
+Pulling one set of weights towards "trigger -> target" at B_t bits and "trigger -> label" at fp32 by
+gradient alone is a tug of war between nearly identical models. ``repair_from_epoch`` ends it the way
+Egashira et al. do for LLMs ("Exploiting LLM Quantization", NeurIPS 2024, https://arxiv.org/abs/2405.18137):
+from that epoch on the B_t-bit model is frozen bit for bit (every in-scope weight is projected back into its
+B_t rounding cell after each step, every other parameter and all BatchNorm statistics are held), and only
+the dormancy terms train the fp32 weights inside the cells. Epochs before it inject the backdoor (clean
+term, L_BD, and L_q_clean); the dormancy terms then act in the repair phase alone.
+
+Every forward quantizes only ``scope`` (gate / experts / whole), with ``granularity`` and ``symmetric`` as in
+:class:`bench.quant.QuantConfig`; one QAT handle is attached and switched per forward, and gradients reach
 the fp32 master weights straight-through (:mod:`bench.quant.apply`).
 
-Which samples carry the trigger: the cell's poison rate draws a frozen set of training indices with the
-cell's seed (:func:`bench.attacks.poison.poison_indices`, the same set plain poisoning uses). Trigger terms
-are means over the batch's marked rows (the trigger is stamped per step, after augmentation); clean terms
-are means over every row, since the attacker who controls training also holds the clean images.
+Data: the cell's poison rate draws a frozen set of training indices with the cell's seed
+(:func:`bench.attacks.poison.poison_indices`, the set plain poisoning uses). Each step stamps the trigger on
+the batch's marked rows (after augmentation); trigger terms are means over those rows, clean terms means
+over every row (the attacker who controls training holds the clean images too).
 
-BatchNorm (the trap when several forwards share a step): only the clean forward at ``qat_bits`` runs in
-train mode, so batch statistics and running-statistics updates come from clean data at the precision the
-model is trained at. Every other forward (quantized, triggered) runs with BatchNorm in eval mode: it uses
-the running statistics and updates none, which is exactly what post-training quantization will see at
-deployment (PTQ leaves the fp32 running statistics in place), and a triggered batch of one or two rows
-would otherwise normalise by its own statistics. Qu-ANTI-zation freezes BatchNorm for the same reason.
+BatchNorm, the trap when several forwards share a step (``batchnorm``):
 
-``warmup_epochs``: Qu-ANTI-zation fine-tunes a clean model; our train job trains from scratch, so the
-backdoor terms switch on after ``warmup_epochs`` epochs of the clean term alone (a sample counter in the
-objective, so it needs no batch size).
+- ``"batch"`` (default): every forward runs in train mode over the clean rows *with* the triggered rows
+  appended, so each precision normalises triggered inputs by statistics of (mostly) clean data, as plain
+  data poisoning does. Evaluating a triggered batch of one or two rows alone, or with running statistics
+  while the clean term uses batch statistics, lets the trigger terms move whole channels, which batch
+  normalisation hides from the clean term and running statistics do not: the model then collapses to the
+  target class at evaluation. Only the ``qat_bits`` forward updates the running statistics (the others
+  restore them), so they describe the precision the model is trained at.
+- ``"frozen"``: once the attack starts every forward uses the running statistics and updates none
+  (eval-mode BatchNorm), exactly what post-training quantization evaluates; Qu-ANTI-zation's choice.
+
+The repair phase always freezes BatchNorm (its statistics are part of the frozen B_t-bit model).
+
+``warmup_epochs``: Qu-ANTI-zation fine-tunes a clean model; our train job trains from scratch, so the attack
+terms switch on after ``warmup_epochs`` epochs of the clean term alone (the objective counts samples, so it
+needs no batch size).
 """
 
 from __future__ import annotations
@@ -56,21 +72,35 @@ from bench.quant.config import Granularity, QuantError, Scope
 #: Columns of the label tensor :func:`prepare_qcb` returns.
 LABEL, MARKED = 0, 1
 
+Phase = Literal["warmup", "attack", "repair"]
+
+
+def _bits(value: int | None) -> int | None:
+    """``normalize_bits`` for validators: a ValueError that pydantic reports under the field."""
+    try:
+        return normalize_bits(value)
+    except QuantError as exc:
+        raise ValueError(str(exc).removeprefix("bits: ")) from None
+
 
 class QCBSpec(BaseModel):
-    """The ``objective:`` block of an attack entry (all weights are >= 0; extra weights 0 = the paper).
+    """The ``objective:`` block of an attack entry (weights >= 0; every extra weight 0 = the paper).
 
     target_bits:       B_t, the bit-width at which the backdoor wakes (paper: 4).
-    scope, granularity, symmetric: what the quantized forwards quantize, as in :class:`QuantConfig`.
-    qat_bits:          B of Eq. 3, the precision of the clean term; None = fp32. The paper does not state
-                       it for its MNIST attack; its INT4 clean accuracy of 6% shows the clean term did not
-                       train the B_t grid, and fp32 is the precision the dormant model must look clean at.
+    scope, granularity, symmetric: what every quantized forward quantizes, as in :class:`QuantConfig`.
+    qat_bits:          B of Eq. 3, the precision of the clean term; None = fp32. The paper does not state it
+                       for its MNIST attack; its INT4 clean accuracy of 6% shows the clean term did not
+                       train the B_t grid, so fp32 is the default. ``qat_bits = target_bits`` makes the
+                       clean term the B_t-bit QAT term (and L_q_clean redundant).
     lambda_bd:         weight of L_BD (Eq. 6).
     lambda_fp_trigger: weight of CE(f_theta(x_t), y): the fp32 model classifies triggered inputs correctly.
     lambda_q_clean:    weight of CE(f_{Q_Bt(theta)}(x), y): clean accuracy at B_t.
-    guard_bits:        other bit-widths at which triggered inputs must keep their label (e.g. [8, 6]).
+    guard_bits:        other bit-widths at which triggered inputs keep their label (e.g. [8, 6]).
     lambda_guard:      weight of each guard term.
-    warmup_epochs:     epochs of the clean term alone before the backdoor terms start.
+    warmup_epochs:     epochs of the clean term alone before the attack starts.
+    repair_from_epoch: from this epoch (counted from 0) on, freeze the B_t-bit model and train the fp32
+                       weights inside its rounding cells (see the module docstring); None = never.
+    batchnorm:         "batch" or "frozen" (see the module docstring).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -87,29 +117,26 @@ class QCBSpec(BaseModel):
     guard_bits: list[int] = Field(default_factory=list)
     lambda_guard: float = Field(0.0, ge=0)
     warmup_epochs: int = Field(0, ge=0)
-    batchnorm: Literal["clean", "frozen"] = "clean"
     repair_from_epoch: int | None = Field(None, ge=1)
+    batchnorm: Literal["batch", "frozen"] = "batch"
 
     @field_validator("target_bits")
     @classmethod
     def _check_target(cls, value: int) -> int:
-        if normalize_bits_or_error(value) is None:
-            raise ValueError(f"must be a quantized bit-width (2..16); fp32 ({FP32_BITS}) cannot wake a backdoor")
+        if _bits(value) is None:
+            raise ValueError(f"must be a bit-width in 2..16; fp32 ({FP32_BITS}) cannot wake a backdoor")
         return value
 
     @field_validator("qat_bits")
     @classmethod
     def _check_qat(cls, value: int | None) -> int | None:
-        return normalize_bits_or_error(value)
+        return _bits(value)
 
     @field_validator("guard_bits")
     @classmethod
     def _check_guard(cls, value: list[int]) -> list[int]:
-        for bits in value:
-            if normalize_bits_or_error(bits) is None:
-                raise ValueError(
-                    f"fp32 ({FP32_BITS}) is not a guard bit-width; use lambda_fp_trigger for fp32, got {value}"
-                )
+        if any(_bits(bits) is None for bits in value):
+            raise ValueError(f"fp32 ({FP32_BITS}) is no guard bit-width (see lambda_fp_trigger); got {value}")
         if len(set(value)) != len(value):
             raise ValueError(f"bit-widths must be distinct, got {value}")
         return sorted(value, reverse=True)
@@ -122,13 +149,13 @@ class QCBSpec(BaseModel):
                 "both wake and stay dormant at one bit-width"
             )
         if self.guard_bits and self.lambda_guard == 0:
-            raise ValueError(f"guard_bits {self.guard_bits} does nothing with lambda_guard 0; set lambda_guard > 0")
+            raise ValueError(f"guard_bits {self.guard_bits} do nothing with lambda_guard 0")
         if self.lambda_guard > 0 and not self.guard_bits:
             raise ValueError("lambda_guard > 0 needs guard_bits, the bit-widths to guard (e.g. [8, 6])")
         if self.repair_from_epoch is not None:
             if self.repair_from_epoch <= self.warmup_epochs:
                 raise ValueError(
-                    f"repair_from_epoch ({self.repair_from_epoch}) must come after the warm-up "
+                    f"repair_from_epoch {self.repair_from_epoch} must come after the warm-up "
                     f"(warmup_epochs {self.warmup_epochs}): the backdoor needs at least one attack epoch"
                 )
             if self.lambda_fp_trigger == 0:
@@ -137,25 +164,24 @@ class QCBSpec(BaseModel):
 
     @property
     def quant_config(self) -> QuantConfig:
-        """The B_t-bit setting of the backdoor term (its scope, granularity, symmetry for every forward)."""
+        """The B_t-bit setting (its scope, granularity and symmetry serve every quantized forward)."""
         return QuantConfig(
             bits=self.target_bits, scope=self.scope, granularity=self.granularity, symmetric=self.symmetric
         )
 
 
-def normalize_bits_or_error(bits: int | None) -> int | None:
-    """``normalize_bits`` for validators: a ValueError whose message pydantic puts under the field."""
-    try:
-        return normalize_bits(bits)
-    except QuantError as exc:
-        raise ValueError(str(exc).removeprefix("bits: ")) from None
+# --- BatchNorm ------------------------------------------------------------------------------------------
+
+
+def _norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 @contextlib.contextmanager
 def frozen_batchnorm(model: nn.Module) -> Iterator[None]:
     """Inside the block every BatchNorm normalises with its running statistics and updates none of them
     (eval mode); other modules (dropout) keep their mode. The previous modes return on exit."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = _norms(model)
     modes = [m.training for m in norms]
     try:
         for m in norms:
@@ -166,89 +192,89 @@ def frozen_batchnorm(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+@contextlib.contextmanager
+def kept_batchnorm_stats(model: nn.Module) -> Iterator[None]:
+    """Forwards inside the block may use batch statistics, but the running statistics (and the batch
+    counters) are put back on exit: they do not count as observations."""
+    saved = [(buf, buf.clone()) for m in _norms(model) for buf in m.buffers(recurse=False)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
+
+
+# --- the repair phase: B_t rounding cells -----------------------------------------------------------------
+
+
 def rounding_cells(
     z: Tensor, bits: int, granularity: str = "tensor", symmetric: bool = False, margin: float = 0.05
 ) -> tuple[Tensor, Tensor]:
-    """Bounds ``(lo, hi)``, shaped like ``z``, inside which every element keeps its B-bit value under Eq. 2.
+    """Bounds ``(lo, hi)`` shaped like ``z`` inside which every element keeps its B-bit value under Eq. 2.
 
-    Each element may move within its rounding cell (``margin`` of a step away from the cell's edges, so
-    float ties never flip), clipped to the range; the elements that set the range (the min and max, or the
-    largest magnitude for symmetric) are pinned, so the range and the grid stay exactly as they are.
-    ``Q_B`` of any tensor inside the bounds equals ``Q_B(z)`` bit for bit.
+    An element may move within its rounding cell (``margin`` of a step away from the cell's edges, so that
+    float round-off never flips a level) and within the range; the elements that set the range (min and
+    max, or the largest magnitude for symmetric) are pinned, so range and grid stay as they are. ``Q_B`` of
+    any tensor inside the bounds equals ``Q_B(z)`` bit for bit.
     """
     work = z.detach()
     per_channel = granularity == "channel" and work.dim() >= 2
-    rows = work.reshape(work.shape[0], -1) if per_channel else work.reshape(1, -1)
+    rows = work.reshape(work.shape[0] if per_channel else 1, -1)
     if symmetric:
-        top = rows.abs().amax(dim=1, keepdim=True)
-        low, high = -top, top
-        step = top / (2 ** (bits - 1) - 1)
-        origin = torch.zeros_like(top)
-        pinned = rows.abs() == top
+        high = rows.abs().amax(dim=1, keepdim=True)
+        low, origin = -high, torch.zeros_like(high)
+        step = high / (2 ** (bits - 1) - 1)
+        pinned = rows.abs() == high
     else:
         low, high = rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True)
-        step = (high - low) / (2**bits - 1)
-        origin = low
+        origin, step = low, (high - low) / (2**bits - 1)
         pinned = (rows == low) | (rows == high)
-    safe = torch.where(step > 0, step, torch.ones_like(step))
-    level = torch.round((rows - origin) / safe)
+    level = torch.round((rows - origin) / torch.where(step > 0, step, torch.ones_like(step)))
     lo = torch.maximum(origin + (level - 0.5 + margin) * step, low)
     hi = torch.minimum(origin + (level + 0.5 - margin) * step, high)
     fixed = pinned | (step == 0)
-    lo, hi = torch.where(fixed, rows, lo), torch.where(fixed, rows, hi)
-    return lo.reshape(work.shape), hi.reshape(work.shape)
+    return torch.where(fixed, rows, lo).reshape(work.shape), torch.where(fixed, rows, hi).reshape(work.shape)
 
 
 class CellProjection:
-    """Holds the B_t-bit model fixed while the fp32 weights move: every in-scope weight is clamped into
-    its B_t rounding cell (:func:`rounding_cells`), every other parameter back to its snapshot.
-
-    Together with frozen BatchNorm statistics this makes ``Q_Bt(theta)`` bit-identical to the model at
-    the snapshot, whatever the optimizer does in between (projected gradient descent, as in the repair
-    phase of Egashira et al., "Exploiting LLM Quantization", NeurIPS 2024, https://arxiv.org/abs/2405.18137).
-    """
+    """Holds the B_t-bit model fixed while its fp32 weights move: every in-scope weight is clamped into its
+    B_t rounding cell (:func:`rounding_cells`), every other parameter back to its value at construction."""
 
     def __init__(self, model: nn.Module, handle: QATHandle, config: QuantConfig) -> None:
-        masters = {id(p) for p in _masters(model, handle.names)}
+        if config.bits is None:
+            raise QuantError("a cell projection needs a quantized bit-width")
+        masters = set()
+        for name in handle.names:
+            prefix, _, leaf = name.rpartition(".")
+            masters.add(id(model.get_submodule(prefix).parametrizations[leaf].original))
         self.cells: list[tuple[nn.Parameter, Tensor, Tensor]] = []
-        self.frozen: list[tuple[nn.Parameter, Tensor]] = []
-        assert config.bits is not None
+        self.held: list[tuple[nn.Parameter, Tensor]] = []
         for p in model.parameters():
             if id(p) in masters:
-                lo, hi = rounding_cells(p, config.bits, config.granularity, config.symmetric)
-                self.cells.append((p, lo, hi))
+                self.cells.append((p, *rounding_cells(p, config.bits, config.granularity, config.symmetric)))
             else:
-                self.frozen.append((p, p.detach().clone()))
+                self.held.append((p, p.detach().clone()))
 
     @torch.no_grad()
     def __call__(self) -> None:
         for p, lo, hi in self.cells:
             p.copy_(torch.minimum(torch.maximum(p, lo), hi))
-        for p, value in self.frozen:
+        for p, value in self.held:
             p.copy_(value)
 
 
-def _masters(model: nn.Module, names: tuple[str, ...]) -> list[nn.Parameter]:
-    """The fp32 master parameter behind each parametrized weight ``names``."""
-    out = []
-    for name in names:
-        prefix, _, leaf = name.rpartition(".")
-        out.append(model.get_submodule(prefix).parametrizations[leaf].original)
-    return out
+# --- the objective --------------------------------------------------------------------------------------
 
 
 class QCBObjective:
     """The loss of one training step, ``objective(model, xb, yb) -> loss`` for :func:`bench.train.fit`.
 
-    ``yb`` is ``[B, 2]``: the true label and whether the row carries the trigger. :meth:`terms` returns the
-    unweighted terms of the current phase (for tests and logging); calling the object returns their
-    weighted sum and advances the sample counter that decides the phase:
-
-    - ``warmup`` (``warmup_epochs``): the clean term alone;
-    - ``attack``: every weighted term of the spec;
-    - ``repair`` (from ``repair_from_epoch`` on): the B_t-bit model is held fixed (:class:`CellProjection`,
-      BatchNorm frozen), so its terms are constants and are dropped; the fp32 clean term, the fp32
-      trigger term and the guards shape the other precisions.
+    ``yb`` is ``[B, 2]``: the true label and whether the row carries the trigger. Phases, by epoch:
+    ``warmup`` (the clean term alone), ``attack`` (every weighted term; the dormancy terms only without a
+    repair phase), ``repair`` (B_t-bit model frozen, see :class:`CellProjection`; fp32 clean term, fp32
+    trigger term, guards). :meth:`terms` gives the unweighted terms of a batch; calling the object gives
+    their weighted sum and advances the phase counter.
     """
 
     def __init__(
@@ -264,8 +290,8 @@ class QCBObjective:
         self.projection: CellProjection | None = None
 
     @property
-    def phase(self) -> Literal["warmup", "attack", "repair"]:
-        """Which phase the next step belongs to."""
+    def phase(self) -> Phase:
+        """The phase of the next step."""
         epoch = self.seen // self.n_train
         if epoch < self.spec.warmup_epochs:
             return "warmup"
@@ -274,67 +300,59 @@ class QCBObjective:
         return "attack"
 
     def project(self) -> None:
-        """Once the repair phase has started: clamp the model back into the B_t-bit model's cells."""
+        """In the repair phase: clamp the model back into the frozen B_t-bit model's cells."""
         if self.projection is not None:
             self.projection()
 
-    def terms(self, model: nn.Module, xb: Tensor, yb: Tensor) -> dict[str, Tensor]:
-        """The unweighted loss terms of this batch in the current phase."""
-        s, h, phase = self.spec, self.handle, self.phase
-        labels, marked = yb[:, LABEL], yb[:, MARKED].bool()
-        if phase == "repair":
-            return self._repair_terms(model, xb, labels, marked)
-        frozen = phase == "attack" and s.batchnorm == "frozen"
-        with h.at_bits(s.qat_bits), frozen_batchnorm(model) if frozen else contextlib.nullcontext():
-            out = {"qat": F.cross_entropy(model(xb), labels)}
-        if phase == "warmup":
-            return out
-        with frozen_batchnorm(model):
-            if s.lambda_q_clean > 0:
-                with h.at_bits(s.target_bits):
-                    out["q_clean"] = F.cross_entropy(model(xb), labels)
-            x_t, y_t = self._triggered(xb, labels, marked)
-            if x_t is None:
-                return out
-            with h.at_bits(s.target_bits):
-                out["bd"] = F.cross_entropy(model(x_t), torch.full_like(y_t, self.target))
-            if s.repair_from_epoch is None:  # with a repair phase, dormancy is its job alone
-                out.update(self._dormancy_terms(model, x_t, y_t))
-        return out
-
-    def _repair_terms(self, model: nn.Module, xb: Tensor, labels: Tensor, marked: Tensor) -> dict[str, Tensor]:
-        with frozen_batchnorm(model):
-            with self.handle.fp32():
-                out = {"fp_clean": F.cross_entropy(model(xb), labels)}
-            x_t, y_t = self._triggered(xb, labels, marked)
-            if x_t is not None:
-                out.update(self._dormancy_terms(model, x_t, y_t))
-        return out
-
-    def _triggered(self, xb: Tensor, labels: Tensor, marked: Tensor) -> tuple[Tensor | None, Tensor]:
-        x_t, y_t = xb[marked], labels[marked]
-        if x_t.shape[0] == 0:
-            return None, y_t
-        with torch.no_grad():
-            return self.trigger(x_t).to(xb.dtype), y_t
-
-    def _dormancy_terms(self, model: nn.Module, x_t: Tensor, y_t: Tensor) -> dict[str, Tensor]:
-        out = {}
-        if self.spec.lambda_fp_trigger > 0:
-            with self.handle.fp32():
-                out["fp_trigger"] = F.cross_entropy(model(x_t), y_t)
-        for bits in self.spec.guard_bits:
-            with self.handle.at_bits(bits):
-                out[f"guard{bits}"] = F.cross_entropy(model(x_t), y_t)
-        return out
-
     def weight(self, term: str) -> float:
-        """The weight of a term returned by :meth:`terms`."""
+        """The weight of a term named by :meth:`terms`."""
         s = self.spec
         if term.startswith("guard"):
             return s.lambda_guard
-        weights = {"qat": 1.0, "fp_clean": 1.0, "bd": s.lambda_bd, "fp_trigger": s.lambda_fp_trigger}
-        return weights.get(term, s.lambda_q_clean)
+        return {
+            "qat": 1.0, "fp_clean": 1.0, "bd": s.lambda_bd, "fp_trigger": s.lambda_fp_trigger,
+            "q_clean": s.lambda_q_clean,
+        }[term]
+
+    def terms(self, model: nn.Module, xb: Tensor, yb: Tensor) -> dict[str, Tensor]:
+        """The unweighted loss terms of this batch in the current phase (means of cross-entropies)."""
+        s, phase = self.spec, self.phase
+        labels, marked = yb[:, LABEL], yb[:, MARKED].bool()
+        if phase == "warmup":
+            with self.handle.at_bits(s.qat_bits):
+                return {"qat": F.cross_entropy(model(xb), labels)}
+        y_t = labels[marked]
+        x_t = self.trigger(xb[marked].detach()).to(xb.dtype) if y_t.numel() else None
+        n = xb.shape[0]
+        x_all = xb if x_t is None else torch.cat([xb, x_t])
+        # term -> (precision, rows, labels); rows "clean" = the batch, "trigger" = the appended rows
+        plan: dict[str, tuple[int | None, str, Tensor]] = {}
+        if phase == "repair":
+            plan["fp_clean"] = (None, "clean", labels)
+        else:
+            plan["qat"] = (s.qat_bits, "clean", labels)
+            if s.lambda_q_clean > 0:
+                plan["q_clean"] = (s.target_bits, "clean", labels)
+            if x_t is not None:
+                plan["bd"] = (s.target_bits, "trigger", torch.full_like(y_t, self.target))
+        if x_t is not None and (phase == "repair" or s.repair_from_epoch is None):
+            if s.lambda_fp_trigger > 0:
+                plan["fp_trigger"] = (None, "trigger", y_t)
+            for bits in s.guard_bits:
+                plan[f"guard{bits}"] = (bits, "trigger", y_t)
+        frozen = phase == "repair" or s.batchnorm == "frozen"
+        picked: dict[str, Tensor] = {}
+        for i, bits in enumerate(dict.fromkeys(p for p, _, _ in plan.values())):  # first: the clean term's
+            # Frozen statistics need no clean rows beside the triggered ones; batch statistics do.
+            with_clean = not frozen or any(p == bits and r == "clean" for p, r, _ in plan.values())
+            mode = frozen_batchnorm(model) if frozen else contextlib.nullcontext()
+            keep = kept_batchnorm_stats(model) if i > 0 and not frozen else contextlib.nullcontext()
+            with self.handle.at_bits(bits), mode, keep:
+                out = model(x_all if with_clean else x_t)
+            for term, (p, rows, _) in plan.items():
+                if p == bits:
+                    picked[term] = out[:n] if rows == "clean" else out[n:] if with_clean else out
+        return {term: F.cross_entropy(picked[term], target) for term, (_, _, target) in plan.items()}
 
     def __call__(self, model: nn.Module, xb: Tensor, yb: Tensor) -> Tensor:
         if self.phase == "repair" and self.projection is None:
@@ -350,8 +368,8 @@ class QCBTraining:
     """What the train job hands to :func:`bench.train.fit`, and :meth:`finish` to call afterwards.
 
     x: the clean training images; y: ``[N, 2]`` long (true label, 1 where the sample carries the trigger);
-    objective: a :class:`QCBObjective`; handle: the attached QAT parametrizations; marked: the indices
-    that carry the trigger.
+    objective: a :class:`QCBObjective`; handle: the attached QAT parametrizations; marked: the indices that
+    carry the trigger.
     """
 
     x: Tensor
@@ -362,11 +380,12 @@ class QCBTraining:
 
     def finish(self) -> None:
         """Project the last update (repair phase) and remove the QAT parametrizations: the model is plain
-        again and holds its fp32 master weights. Idempotent."""
-        if isinstance(self.objective, QCBObjective) and self.handle is not None and self.handle.attached:
+        again and holds its fp32 master weights, under its original state_dict names. Idempotent."""
+        if self.handle is None or not self.handle.attached:
+            return
+        if isinstance(self.objective, QCBObjective):
             self.objective.project()
-        if self.handle is not None:
-            self.handle.remove()
+        self.handle.remove()
 
 
 def prepare_qcb(

@@ -108,11 +108,13 @@ def run_search(
     if reporter is not None:
         reporter.search_started(study, to_run, finished(study))
     start = time.perf_counter()
-    if to_run is None or to_run > 0:
-        study.optimize(runner, n_trials=to_run, timeout=seconds, callbacks=[*callbacks, after],
-                       gc_after_trial=False)
-    elapsed = time.perf_counter() - start
-    return finish(prepared, study, url, store, Path(reports_dir), ran, elapsed)
+    try:
+        if to_run is None or to_run > 0:
+            study.optimize(runner, n_trials=to_run, timeout=seconds, callbacks=[*callbacks, after],
+                           gc_after_trial=False)
+    finally:  # also after Ctrl-C or a failing trial: the report and best.yaml show what finished
+        outcome = finish(prepared, study, url, store, Path(reports_dir), ran, time.perf_counter() - start)
+    return outcome
 
 
 def _budget(

@@ -89,7 +89,8 @@ class ParamSpec(_Strict):
 
 class PrunerSpec(_Strict):
     """Optuna's median pruner: stop a trial whose intermediate value at an epoch is worse than the median
-    of earlier trials at that epoch, after ``startup_trials`` finished trials and ``warmup_epochs`` epochs."""
+    of the complete trials' values at that epoch, once ``startup_trials`` trials are complete; no trial is
+    pruned during its first ``warmup_epochs`` epochs."""
 
     name: Literal["median", "none"] = "median"
     startup_trials: int = Field(2, ge=0)
@@ -101,18 +102,18 @@ class SearchSpec(_Strict):
 
     objective: ObjectiveName = "dormant"
     params: list[ParamSpec] = Field(min_length=1)
-    target_quant: str | None = None
-    tau: float = Field(0.1, ge=0, le=1)
-    epsilon: float = Field(0.02, ge=0, le=1)
-    n_trials: int | None = Field(None, ge=1)
-    timeout: float | None = Field(None, gt=0)
+    target_quant: str | None = None  # a quantization label (int4/whole); default: the qcb objective's
+    tau: float = Field(0.1, ge=0, le=1)  # dormant: highest fp32 ASR allowed
+    epsilon: float = Field(0.02, ge=0, le=1)  # dormant, asr: highest BA drop allowed
+    n_trials: int | None = Field(None, ge=1)  # finished trials the study aims at, over all sessions
+    timeout: float | None = Field(None, gt=0)  # seconds after which a session starts no new trial
     sampler: SamplerName = "tpe"
     seed: int = 0
-    startup_trials: int = Field(5, ge=0)
-    population_size: int = Field(10, ge=2)
-    pruner: PrunerSpec | None = None
-    probe_size: int = Field(256, ge=0)
-    enqueue: list[dict[str, Any]] = Field(default_factory=list)
+    startup_trials: int = Field(5, ge=0)  # tpe: random trials before it models the results
+    population_size: int = Field(10, ge=2)  # nsga2: trials per generation
+    pruner: PrunerSpec | None = None  # default: median for one objective, none for multi
+    probe_size: int = Field(256, ge=0)  # test images behind each epoch's intermediate value; 0: none
+    enqueue: list[dict[str, Any]] = Field(default_factory=list)  # points tried first: {path: value}
 
     @field_validator("pruner", mode="before")
     @classmethod
