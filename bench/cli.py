@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -19,6 +20,8 @@ from bench import runner
 from bench.analysis.cli import analyze
 from bench.errors import BenchError
 from bench.plan import Job
+from bench.scaffold import new_command
+from bench.search_cli import search
 
 app = typer.Typer(
     add_completion=False,
@@ -37,7 +40,7 @@ RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Where result store
 
 
 def _fail(exc: BenchError) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
     return typer.Exit(2)
 
 
@@ -203,6 +206,8 @@ def list_plugins(
 
 
 app.command("analyze")(analyze)
+app.command("new")(new_command)
+app.command("search")(search)
 
 
 def main() -> None:

@@ -17,9 +17,9 @@ from bench.data.base import TensorData
 from bench.evaluate import evaluate
 from bench.models.base import BenchModel
 from bench.plan import Job
+from bench.quant import QuantConfig, attach_qat, quantized
 from bench.registry import REGISTRY
 from bench.store import Store
-from bench.quant import QuantConfig, attach_qat, quantized
 from bench.train import EpochCallback, cross_entropy, fit
 
 

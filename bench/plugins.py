@@ -55,7 +55,9 @@ def _plugin_files(path: Path) -> list[Path]:
         return [path]
     if (path / "__init__.py").is_file():
         return [path / "__init__.py"]
-    return sorted(p for p in path.glob("*.py") if not p.name.startswith("_"))
+    # a folder's private modules and its tests (test_*.py, conftest.py) are not plugins
+    skip = ("_", "test_", "conftest.")
+    return sorted(p for p in path.glob("*.py") if not p.name.startswith(skip))
 
 
 def load_plugin_file(path: Path) -> None:

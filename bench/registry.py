@@ -15,11 +15,12 @@ import contextlib
 import difflib
 import fnmatch
 import inspect
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, create_model
 
 from bench.errors import ComponentParamsError, PluginError, UnknownComponentError
 
@@ -90,7 +91,9 @@ def _format_validation(exc: ValidationError, comp: Component, where: str) -> str
     return "; ".join(lines)
 
 
-def _schema_from_signature(kind: str, name: str, factory: Callable[..., Any]) -> tuple[type[BaseModel], tuple[Param, ...]]:
+def _schema_from_signature(
+    kind: str, name: str, factory: Callable[..., Any]
+) -> tuple[type[BaseModel], tuple[Param, ...]]:
     target = factory.__init__ if inspect.isclass(factory) else factory
     try:
         sig = inspect.signature(target)
@@ -105,16 +108,54 @@ def _schema_from_signature(kind: str, name: str, factory: Callable[..., Any]) ->
         if pname in CONTEXT_PARAMS[kind]:
             continue
         annotation = hints.get(pname, Any)
+        _check_param(kind, name, pname, annotation, p.default)
         required = p.default is inspect.Parameter.empty
         default = ... if required else p.default
         fields[pname] = (annotation, default)
         params.append(Param(pname, _annotation_name(annotation), None if required else p.default, required))
-    schema = create_model(  # type: ignore[call-overload]
-        f"{kind.title()}_{name.replace('-', '_')}_Params",
-        __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True),
-        **fields,
-    )
+    try:
+        schema = create_model(  # type: ignore[call-overload]
+            f"{kind.title()}_{name.replace('-', '_')}_Params",
+            __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True),
+            **fields,
+        )
+    except Exception as exc:  # pydantic raises several unrelated types for schemas it cannot build
+        raise PluginError(f"{kind} '{name}': cannot build its parameter schema: {_first_line(exc)}") from None
     return schema, tuple(params)
+
+
+def _check_param(kind: str, name: str, pname: str, annotation: Any, default: Any) -> None:
+    """A parameter pydantic can validate, whose default (if any, None aside) passes its own annotation."""
+    where = f"{kind} '{name}': parameter '{pname}'"
+    shown = _annotation_name(annotation)
+    config = ConfigDict(arbitrary_types_allowed=True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            adapter: TypeAdapter[Any] = TypeAdapter(annotation, config=config)
+        unchecked = [w for w in caught if w.category.__name__ == "ArbitraryTypeWarning"]  # "not a type"
+        if unchecked:
+            raise TypeError(str(unchecked[0].message).split(" (")[0])
+    except Exception as exc:  # SchemaError, PydanticUserError, RecursionError... all mean "cannot validate"
+        raise PluginError(
+            f"{where}: its annotation {shown} cannot be validated ({_first_line(exc)}); annotate it with a "
+            "type a scenario value can take: int, float, str, bool, Literal[...], or a list, dict or "
+            "Optional of them"
+        ) from None
+    if default is inspect.Parameter.empty or default is None:
+        return
+    try:
+        adapter.validate_python(default)
+    except ValidationError as exc:
+        raise PluginError(
+            f"{where}: its default {default!r} does not pass its own annotation {shown} "
+            f"({exc.errors()[0]['msg']})"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _type_hints(target: Callable[..., Any]) -> dict[str, Any]:
@@ -149,6 +190,12 @@ class Registry:
 
         def decorator(factory: Callable[..., Any]) -> Callable[..., Any]:
             cname = name or factory.__name__.lower()
+            if inspect.isclass(factory) and inspect.isabstract(factory):
+                missing = ", ".join(sorted(factory.__abstractmethods__))
+                raise PluginError(
+                    f"{kind} '{cname}': class {factory.__name__} does not implement {missing}, which its "
+                    f"base class requires; define {missing} before registering it"
+                )
             existing = self._items[kind].get(cname)
             if existing is not None and not replace and existing.factory is not factory:
                 raise PluginError(
@@ -156,7 +203,7 @@ class Registry:
                     "choose another name"
                 )
             schema, params = _schema_from_signature(kind, cname, factory)
-            doc = (inspect.getdoc(factory) or "").strip().splitlines()
+            doc = inspect.cleandoc(factory.__doc__ or "").splitlines()  # its own, not a base class's
             self._items[kind][cname] = Component(
                 kind, cname, factory, source, doc[0] if doc else "", schema, params
             )

@@ -18,6 +18,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from bench.errors import BenchError, PluginError
 
@@ -121,14 +122,14 @@ def new_command(
     try:
         written = new(kind, name, directory, force)
     except BenchError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     plugin, test = written
     for path in written:
         err.print(f"wrote {path}", highlight=False, soft_wrap=True)
     err.print(
-        f"next: bench plugins --plugins {plugin}   |   python -m pytest {test}   |   "
-        f"add '{plugin}' to a scenario's plugins: list (relative to the scenario file)",
+        f"next: bench plugins --plugins {plugin}   |   python -m pytest {test}   |   then list the file "
+        "under a scenario's plugins: (paths there are relative to the scenario file)",
         highlight=False, soft_wrap=True,
     )
 

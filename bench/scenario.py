@@ -132,6 +132,7 @@ class Scenario(_Strict):
     defenses: list[ComponentEntry] = Field(default_factory=list)
     reference: Reference | None = None
     plugins: list[str] = Field(default_factory=list)
+    search: dict[str, Any] | None = None  # read by `bench search` (bench.search.spec); `bench run` ignores it
 
     @field_validator("poison_rates")
     @classmethod
@@ -199,7 +200,9 @@ def _check_grids(entry: dict[str, Any], where: str) -> None:
         if isinstance(value, dict) and GRID_KEY in value:
             if set(value) != {GRID_KEY}:
                 extra = sorted(set(value) - {GRID_KEY})
-                raise ScenarioError(f"{where}.{key}: a grid is written {{grid: [v1, v2, ...]}}; unexpected keys {extra}")
+                raise ScenarioError(
+                    f"{where}.{key}: a grid is written {{grid: [v1, v2, ...]}}; unexpected keys {extra}"
+                )
             if not isinstance(value[GRID_KEY], list) or not value[GRID_KEY]:
                 raise ScenarioError(f"{where}.{key}.grid: must be a non-empty list of values, got {value[GRID_KEY]!r}")
 
@@ -245,7 +248,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ScenarioError(f"{path}: cannot read the scenario: {exc}") from None
     if not isinstance(data, dict):
-        raise ScenarioError(f"{path}: a scenario is a YAML mapping (name:, models:, datasets:, ...), got {type(data).__name__}")
+        raise ScenarioError(
+            f"{path}: a scenario is a YAML mapping (name:, models:, datasets:, ...), got {type(data).__name__}"
+        )
     return data
 
 
@@ -257,7 +262,10 @@ def load(path: str | Path, extra_plugins: list[str] | None = None) -> ResolvedSc
 
 
 def resolve(
-    raw: dict[str, Any], source: str = "<scenario>", base_dir: Path | None = None, extra_plugins: list[str] | None = None
+    raw: dict[str, Any],
+    source: str = "<scenario>",
+    base_dir: Path | None = None,
+    extra_plugins: list[str] | None = None,
 ) -> ResolvedScenario:
     """Validate a scenario given as a dict (``source`` names it in errors) and expand its grids."""
     try:

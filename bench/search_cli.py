@@ -33,6 +33,10 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.1f}%"
 
 
+def _points(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f} points"
+
+
 class SearchProgress:
     """Rich progress on stderr: a bar of trials, a bar of the epochs in flight, one line per trial with
     its value and the best so far."""
@@ -98,6 +102,8 @@ def _trial_line(trial: FrozenTrial) -> str:
     from optuna.trial import TrialState
 
     head = f"trial {trial.number}"
+    if trial.state == TrialState.PRUNED and "invalid" in trial.user_attrs:
+        return f"{head} skipped: {trial.user_attrs['invalid']}"
     if trial.state == TrialState.PRUNED:
         steps = trial.intermediate_values
         last = max(steps) if steps else None
@@ -110,7 +116,7 @@ def _trial_line(trial: FrozenTrial) -> str:
     ok = "" if all(v <= 0 for v in trial.constraints.values()) else " (violates a constraint)"
     reused = " (all jobs reused)" if trial.user_attrs.get("ran_jobs") == 0 else ""
     return (f"{head} value {values}{ok}; ASR fp32 {_pct(m.get('asr'))}, ASR@target {_pct(m.get('asr_q'))}, "
-            f"BA drop {_pct(m.get('ba_drop'))}{reused}")
+            f"BA drop {_points(m.get('ba_drop'))}{reused}")
 
 
 def _best_line(front: list[FrozenTrial], objectives: int) -> str:
@@ -135,7 +141,7 @@ def _summary(outcome: SearchOutcome) -> Table:
         m = t.user_attrs.get("metrics", {})
         mark = "*" if outcome.best.chosen is not None and t.number == outcome.best.chosen.number else ""
         table.add_row(f"{t.number}{mark}", *[f"{t.params.get(p.name)!s:.8}" for p in prepared.params],
-                      _pct(m.get("asr_q")), _pct(m.get("asr")), _pct(m.get("ba")), _pct(m.get("ba_drop")))
+                      _pct(m.get("asr_q")), _pct(m.get("asr")), _pct(m.get("ba")), _points(m.get("ba_drop")))
     return table
 
 
@@ -179,7 +185,7 @@ def search(
                 runs_dir=runs_dir, reports_dir=reports_dir, device=device, plugins=plugins, reporter=progress,
             )
     except BenchError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: finished trials and jobs are stored; the same command resumes.")

@@ -341,9 +341,9 @@ def test_groups_gather_clean_backdoored_and_defended_models_at_full_precision() 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import yaml
-    from tests.conftest import tiny_scenario
 
     from bench import runner
+    from tests.conftest import tiny_scenario
 
     root = tmp_path_factory.mktemp("analyze")
     scenario = root / "tiny.yaml"

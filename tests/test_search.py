@@ -319,6 +319,23 @@ def test_dormant_search_prunes_resumes_honours_constraints_and_best_yaml_reruns(
     assert row["ba_mean"] == best.user_attrs["metrics"]["ba"]
 
 
+def test_an_invalid_combination_is_pruned_without_training(write_scenario, tmp_path: Path) -> None:
+    # each end is valid alone; warm-up 1 with repair from epoch 1 breaks qcb's rule repair > warm-up
+    raw = search_scenario(objective="dormant", n_trials=1, enqueue=[
+        {"attacks.0.objective.warmup_epochs": 1, "attacks.0.objective.repair_from_epoch": 1}], params=[
+        {"path": "attacks.0.objective.warmup_epochs", "type": "int", "low": 0, "high": 1},
+        {"path": "attacks.0.objective.repair_from_epoch", "type": "int", "low": 1, "high": 2}])
+    raw["attacks"][0]["objective"] = {"name": "qcb", "target_bits": 8, "lambda_fp_trigger": 1.0}
+    result = invoke([str(write_scenario(raw)), "--runs-dir", str(tmp_path / "runs"), "--reports-dir",
+                     str(tmp_path / "reports")])
+    assert result.exit_code == 0, result.output
+    (trial,) = study_of(tmp_path / "runs").get_trials()
+    assert trial.state == TrialState.PRUNED
+    assert "repair_from_epoch 1 must come after" in trial.user_attrs["invalid"]
+    assert "trial 0 skipped" in result.output
+    assert train_rows(tmp_path / "runs") == []
+
+
 def test_two_processes_share_one_sqlite_study(write_scenario, tmp_path: Path) -> None:
     runs, reports = tmp_path / "runs", tmp_path / "reports"
     path = write_scenario(search_scenario(objective="multi", sampler="nsga2", params=[

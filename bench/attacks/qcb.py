@@ -40,15 +40,20 @@ BatchNorm, the trap when several forwards share a step (``batchnorm``):
   while the clean term uses batch statistics, lets the trigger terms move whole channels, which batch
   normalisation hides from the clean term and running statistics do not: the model then collapses to the
   target class at evaluation. Only the ``qat_bits`` forward updates the running statistics (the others
-  restore them), so they describe the precision the model is trained at.
+  run with tracking off), so they describe the precision the clean term trains.
 - ``"frozen"``: once the attack starts every forward uses the running statistics and updates none
   (eval-mode BatchNorm), exactly what post-training quantization evaluates; Qu-ANTI-zation's choice.
 
 The repair phase always freezes BatchNorm (its statistics are part of the frozen B_t-bit model).
 
-``warmup_epochs``: Qu-ANTI-zation fine-tunes a clean model; our train job trains from scratch, so the attack
-terms switch on after ``warmup_epochs`` epochs of the clean term alone (the objective counts samples, so it
-needs no batch size).
+A recipe that works (``scenarios/qcb_mnist.yaml``): ``qat_bits = target_bits``, so the attack phase is
+B_t-bit QAT with data poisoning and the running statistics are the B_t-bit model's (PTQ keeps them), then a
+repair phase with ``lambda_fp_trigger`` and ``guard_bits`` for the precisions that must stay clean. With the
+clean term at fp32 instead, the B_t-bit forwards train on batch statistics that PTQ never sees.
+
+``warmup_epochs``: Qu-ANTI-zation fine-tunes a clean fp32 model; our train job trains from scratch, so the
+first ``warmup_epochs`` epochs train that clean model (plain fp32 cross-entropy) and the attack starts after
+them (the objective counts samples, so it needs no batch size).
 """
 
 from __future__ import annotations
@@ -73,6 +78,8 @@ from bench.quant.config import Granularity, QuantError, Scope
 LABEL, MARKED = 0, 1
 
 Phase = Literal["warmup", "attack", "repair"]
+#: term -> (precision, rows: "clean" = the batch or "trigger" = the appended triggered rows, target labels)
+Plan = dict[str, tuple[int | None, str, Tensor]]
 
 
 def _bits(value: int | None) -> int | None:
@@ -97,7 +104,7 @@ class QCBSpec(BaseModel):
     lambda_q_clean:    weight of CE(f_{Q_Bt(theta)}(x), y): clean accuracy at B_t.
     guard_bits:        other bit-widths at which triggered inputs keep their label (e.g. [8, 6]).
     lambda_guard:      weight of each guard term.
-    warmup_epochs:     epochs of the clean term alone before the attack starts.
+    warmup_epochs:     epochs of plain fp32 clean training before the attack starts.
     repair_from_epoch: from this epoch (counted from 0) on, freeze the B_t-bit model and train the fp32
                        weights inside its rounding cells (see the module docstring); None = never.
     batchnorm:         "batch" or "frozen" (see the module docstring).
@@ -193,16 +200,18 @@ def frozen_batchnorm(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def kept_batchnorm_stats(model: nn.Module) -> Iterator[None]:
-    """Forwards inside the block may use batch statistics, but the running statistics (and the batch
-    counters) are put back on exit: they do not count as observations."""
-    saved = [(buf, buf.clone()) for m in _norms(model) for buf in m.buffers(recurse=False)]
+def untracked_batchnorm(model: nn.Module) -> Iterator[None]:
+    """Inside the block, train-mode BatchNorm normalises with batch statistics but leaves the running
+    statistics and batch counters alone (``track_running_stats`` off, so nothing is written in place)."""
+    norms = _norms(model)
+    tracked = [m.track_running_stats for m in norms]
     try:
+        for m in norms:
+            m.track_running_stats = False
         yield
     finally:
-        with torch.no_grad():
-            for buf, value in saved:
-                buf.copy_(value)
+        for m, flag in zip(norms, tracked, strict=True):
+            m.track_running_stats = flag
 
 
 # --- the repair phase: B_t rounding cells -----------------------------------------------------------------
@@ -271,7 +280,7 @@ class QCBObjective:
     """The loss of one training step, ``objective(model, xb, yb) -> loss`` for :func:`bench.train.fit`.
 
     ``yb`` is ``[B, 2]``: the true label and whether the row carries the trigger. Phases, by epoch:
-    ``warmup`` (the clean term alone), ``attack`` (every weighted term; the dormancy terms only without a
+    ``warmup`` (fp32 cross-entropy alone), ``attack`` (every weighted term; the dormancy terms only without a
     repair phase), ``repair`` (B_t-bit model frozen, see :class:`CellProjection`; fp32 clean term, fp32
     trigger term, guards). :meth:`terms` gives the unweighted terms of a batch; calling the object gives
     their weighted sum and advances the phase counter.
@@ -316,43 +325,58 @@ class QCBObjective:
 
     def terms(self, model: nn.Module, xb: Tensor, yb: Tensor) -> dict[str, Tensor]:
         """The unweighted loss terms of this batch in the current phase (means of cross-entropies)."""
-        s, phase = self.spec, self.phase
         labels, marked = yb[:, LABEL], yb[:, MARKED].bool()
-        if phase == "warmup":
-            with self.handle.at_bits(s.qat_bits):
-                return {"qat": F.cross_entropy(model(xb), labels)}
+        if self.phase == "warmup":
+            with self.handle.fp32():
+                return {"fp_clean": F.cross_entropy(model(xb), labels)}
         y_t = labels[marked]
         x_t = self.trigger(xb[marked].detach()).to(xb.dtype) if y_t.numel() else None
-        n = xb.shape[0]
-        x_all = xb if x_t is None else torch.cat([xb, x_t])
-        # term -> (precision, rows, labels); rows "clean" = the batch, "trigger" = the appended rows
-        plan: dict[str, tuple[int | None, str, Tensor]] = {}
+        plan = self._plan(labels, y_t, x_t is not None)
+        outputs = self._forwards(model, xb, x_t, plan)
+        return {term: F.cross_entropy(outputs[term], target) for term, (_, _, target) in plan.items()}
+
+    def _plan(self, labels: Tensor, y_t: Tensor, triggered: bool) -> Plan:
+        """Every term of the phase as (precision, rows "clean" or "trigger", target labels)."""
+        s, phase = self.spec, self.phase
+        plan: Plan = {}
         if phase == "repair":
             plan["fp_clean"] = (None, "clean", labels)
         else:
             plan["qat"] = (s.qat_bits, "clean", labels)
             if s.lambda_q_clean > 0:
                 plan["q_clean"] = (s.target_bits, "clean", labels)
-            if x_t is not None:
+            if triggered:
                 plan["bd"] = (s.target_bits, "trigger", torch.full_like(y_t, self.target))
-        if x_t is not None and (phase == "repair" or s.repair_from_epoch is None):
+        if triggered and (phase == "repair" or s.repair_from_epoch is None):
             if s.lambda_fp_trigger > 0:
                 plan["fp_trigger"] = (None, "trigger", y_t)
             for bits in s.guard_bits:
                 plan[f"guard{bits}"] = (bits, "trigger", y_t)
-        frozen = phase == "repair" or s.batchnorm == "frozen"
+        return plan
+
+    def _forwards(self, model: nn.Module, xb: Tensor, x_t: Tensor | None, plan: Plan) -> dict[str, Tensor]:
+        """One forward per precision of the plan (the clean term's first); each term's rows of its logits.
+
+        With batch statistics a forward sees the clean rows with the triggered rows appended and only the
+        first forward updates the running statistics; with frozen statistics a precision that has no clean
+        term forwards the triggered rows alone.
+        """
+        n = xb.shape[0]
+        x_all = xb if x_t is None else torch.cat([xb, x_t])
+        frozen = self.phase == "repair" or self.spec.batchnorm == "frozen"
         picked: dict[str, Tensor] = {}
-        for i, bits in enumerate(dict.fromkeys(p for p, _, _ in plan.values())):  # first: the clean term's
-            # Frozen statistics need no clean rows beside the triggered ones; batch statistics do.
+        for i, bits in enumerate(dict.fromkeys(p for p, _, _ in plan.values())):
             with_clean = not frozen or any(p == bits and r == "clean" for p, r, _ in plan.values())
-            mode = frozen_batchnorm(model) if frozen else contextlib.nullcontext()
-            keep = kept_batchnorm_stats(model) if i > 0 and not frozen else contextlib.nullcontext()
-            with self.handle.at_bits(bits), mode, keep:
+            if frozen:
+                mode = frozen_batchnorm(model)
+            else:
+                mode = untracked_batchnorm(model) if i else contextlib.nullcontext()
+            with self.handle.at_bits(bits), mode:
                 out = model(x_all if with_clean else x_t)
             for term, (p, rows, _) in plan.items():
                 if p == bits:
                     picked[term] = out[:n] if rows == "clean" else out[n:] if with_clean else out
-        return {term: F.cross_entropy(picked[term], target) for term, (_, _, target) in plan.items()}
+        return picked
 
     def __call__(self, model: nn.Module, xb: Tensor, yb: Tensor) -> Tensor:
         if self.phase == "repair" and self.projection is None:

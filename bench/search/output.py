@@ -121,6 +121,8 @@ def _trial_row(prepared: PreparedSearch, trial: FrozenTrial) -> list[Any]:
     if m is None:
         last = max(trial.intermediate_values) if trial.intermediate_values else None
         note = f"stopped at epoch {last} ({trial.intermediate_values[last]:.3f})" if last is not None else ""
+        if "invalid" in trial.user_attrs:
+            note = "invalid combination of values"
         return [trial.number, trial.state.name.lower(), *params, *at, "-", "-", "-", "-", note]
     flag = "yes" if feasible(trial) else "no"
     ran = trial.user_attrs.get("ran_jobs", "-")

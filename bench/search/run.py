@@ -80,10 +80,8 @@ def run_search(
     root = Path(runs_dir) / prepared.name
     url = storage or default_storage(runs_dir, prepared.name)
     name = study_name or prepared.name
-    objective_qcb = prepared.resolved.attacks[0].get("objective") or {}
     study = open_study(
-        open_storage(url), name, prepared.spec, make_sampler(prepared.spec, seed),
-        make_pruner(prepared.spec, int(objective_qcb.get("warmup_epochs", 0))),
+        open_storage(url), name, prepared.spec, make_sampler(prepared.spec, seed), make_pruner(prepared.spec),
         fingerprint(prepared.base, prepared.spec, prepared.target), prepared.source,
     )
     for point in enqueued_points(prepared):

@@ -34,7 +34,7 @@ from bench.search.spec import SearchSpec
 #: Study user attribute holding what the study was created for.
 FINGERPRINT_ATTR = "pmoe_bench"
 _SEED_STRIDE = 1_000_003
-_OPEN_ATTEMPTS = 5
+_OPEN_ATTEMPTS = 8
 
 
 class SearchStorageError(BenchError):
@@ -51,9 +51,9 @@ def default_storage(runs_dir: str | Path, name: str) -> str:
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna RDB storage for ``url``; SQLite waits up to a minute for a lock held by another process.
 
-    Processes that open a new database at the same moment race to create its tables; the loser's
-    ``OperationalError`` is retried (the tables exist by then)."""
-    from sqlalchemy.exc import OperationalError
+    Processes that open a new database at the same moment race to create its tables and version row; the
+    loser's database error (``OperationalError``, ``IntegrityError``) is retried: the tables exist by then."""
+    from sqlalchemy.exc import DBAPIError
 
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
@@ -62,7 +62,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     while True:
         try:
             return optuna.storages.RDBStorage(url, **kwargs)
-        except OperationalError as exc:
+        except DBAPIError as exc:
             attempt += 1
             if attempt >= _OPEN_ATTEMPTS:
                 raise SearchStorageError(f"--storage: cannot open '{url}': {exc.orig}") from None
@@ -128,14 +128,15 @@ def make_sampler(spec: SearchSpec, seed: int | None = None) -> BaseSampler:
     return TrialSeededSampler(factories[spec.sampler], spec.seed if seed is None else seed)
 
 
-def make_pruner(spec: SearchSpec, min_warmup: int = 0) -> optuna.pruners.BasePruner:
-    """Median pruner over epochs, or none. No trial is pruned during its first ``warmup_epochs`` epochs (at
-    least ``min_warmup``: a qcb objective's clean-only warm-up); epochs count from 1."""
+def make_pruner(spec: SearchSpec) -> optuna.pruners.BasePruner:
+    """Median pruner over epochs, or none. No trial is pruned during its first ``warmup_epochs`` epochs
+    (epochs count from 1; a qcb warm-up reports no values at all, see :mod:`bench.search.trial`)."""
     pruning = spec.pruning
     if pruning.name == "none":
         return optuna.pruners.NopPruner()
-    warmup = max(pruning.warmup_epochs, min_warmup)
-    return optuna.pruners.MedianPruner(n_startup_trials=pruning.startup_trials, n_warmup_steps=warmup + 1)
+    return optuna.pruners.MedianPruner(
+        n_startup_trials=pruning.startup_trials, n_warmup_steps=pruning.warmup_epochs + 1
+    )
 
 
 def fingerprint(base: dict[str, Any], spec: SearchSpec, target: str | None) -> dict[str, Any]:

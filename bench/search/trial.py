@@ -1,11 +1,16 @@
 """One trial: parameters -> scenario variant -> plan -> execute into the run store -> objective values.
 
+A combination of values that the scenario rejects (each range end was checked alone before the search,
+but rules across fields, e.g. qcb's ``repair_from_epoch > warmup_epochs``, can still fail) prunes the
+trial without training, with the reason in its ``invalid`` user attribute; the search goes on.
+
 Trials execute into ``runs/<name>/`` like ``bench run``: jobs are content-hashed, so a trial whose
 parameters (or some of whose jobs: the clean baseline, every evaluation of an already trained model) were
 seen before reuses the stored rows and recomputes nothing. The clean baseline is trained once per study.
 
 While the attacked model trains, a probe (``JobContext.model_hook``) measures it after every epoch on a
-fixed subset of the test set and reports the intermediate value (see :mod:`bench.search.objectives`);
+fixed subset of the test set and reports the intermediate value (see :mod:`bench.search.objectives`;
+not during a qcb objective's clean-only warm-up epochs, which say nothing about the attack);
 the pruner may then stop the trial (``optuna.TrialPruned``), and the unfinished job is not recorded (a
 later trial with the same parameters replays the pruned trial's values instead of training again). The
 probe works on a fresh copy of the model built with the random state saved and restored, so training is
@@ -24,7 +29,7 @@ import torch
 from optuna.trial import TrialState
 
 from bench.attacks.poison import triggered_test_set
-from bench.errors import BenchError
+from bench.errors import BenchError, ScenarioError
 from bench.evaluate import predict
 from bench.execute.local import Reporter, execute
 from bench.jobs import JobContext, build_model, build_trigger
@@ -61,7 +66,11 @@ class TrialRunner:
         values = {p.name: p.suggest(trial) for p in prep.params}
         if self.on_start is not None:
             self.on_start(trial.number, values)
-        resolved = prep.variant(values, f"trial {trial.number}")
+        try:
+            resolved = prep.variant(values, f"trial {trial.number}")
+        except ScenarioError as exc:  # each range end was checked alone; this combination breaks a rule
+            trial.set_user_attr("invalid", str(exc))
+            raise optuna.TrialPruned(f"invalid combination of values: {exc}") from None
         plan = build(resolved)
         cells = _attacked_cells(plan, prep.target)
         trial.set_user_attr("scenario_params", {p.target: values[p.name] for p in prep.params})
@@ -109,8 +118,11 @@ class TrialRunner:
         target_cfg = _quant_config(self.prepared) if self.prepared.target else None
 
         def hook(model: BenchModel, job_spec: dict[str, Any], epoch: int, epochs: int) -> None:
-            if job_spec.get("attack") is None or epoch in reported:
+            attack = job_spec.get("attack")
+            if attack is None or epoch in reported:
                 return  # the clean baseline reports nothing; a replayed epoch was reported already
+            if epoch <= int((attack.get("objective") or {}).get("warmup_epochs", 0)):
+                return  # a qcb warm-up epoch trains the clean term alone: nothing to judge the attack by
             asr, asr_q = self.probe(model, job_spec, target_cfg)
             value = probe_value(spec.objective, asr, asr_q, spec.tau)
             trial.report(value, epoch)
