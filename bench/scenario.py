@@ -52,6 +52,14 @@ class TrainSpec(_Strict):
     qat_granularity: Literal["tensor", "channel"] = "tensor"
     qat_symmetric: bool = False
 
+    @model_validator(mode="after")
+    def _qat_settings_only_with_qat(self) -> TrainSpec:
+        """Without QAT the other qat_* fields mean nothing: reset them, so a grid such as
+        ``qat_bits: {grid: [null, 4]}, qat_scope: {grid: [whole, experts]}`` trains the fp32 model once."""
+        if self.qat_bits is None:
+            self.qat_scope, self.qat_granularity, self.qat_symmetric = "whole", "tensor", False
+        return self
+
 
 class QuantizationSpec(_Strict):
     """The PTQ axis: every trained (and defended) model is evaluated at every combination, no retraining.

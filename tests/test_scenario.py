@@ -31,6 +31,12 @@ def test_grid_expands_into_concrete_components(write_scenario):
     assert sorted(t["lr"] for t in resolved.train) == [0.01, 0.1]
 
 
+def test_qat_grid_trains_the_fp32_model_once(write_scenario):
+    data = tiny_scenario(train={"epochs": 1, "qat_bits": {"grid": [None, 4]}, "qat_scope": {"grid": ["whole", "gate"]}})
+    settings = sorted((t["qat_bits"] or 0, t["qat_scope"]) for t in sc.load(write_scenario(data)).train)
+    assert settings == [(0, "whole"), (4, "gate"), (4, "whole")]
+
+
 @given(st.dictionaries(st.sampled_from("abcd"), st.lists(st.integers(), min_size=1, max_size=3), max_size=3))
 def test_expand_grid_is_the_cartesian_product(grids):
     entry = {k: {"grid": v} for k, v in grids.items()} | {"fixed": 1}
