@@ -178,6 +178,10 @@ BAD_BLOCKS = [
      "search.enqueue[0].attacks.0.strength: 0.5 is outside the range"),
     ({"pruner": {"name": "median", "warmup": 1}, "params": [RANGE]},
      "search.pruner.warmup: unknown field; allowed: name, startup_trials, warmup_epochs"),
+    ({"asleep_quant": ["int6/whole"], "params": [RANGE]}, "search.asleep_quant[0]: 'int6/whole' is not among"),
+    ({"asleep_quant": ["int8/whole"], "params": [RANGE]}, "search.asleep_quant[0]: 'int8/whole' is the target"),
+    ({"objective": "asr", "asleep_quant": ["int8/whole"], "params": [RANGE]},
+     "search.asleep_quant: only objective: dormant"),
 ]
 
 
@@ -357,3 +361,19 @@ def test_two_processes_share_one_sqlite_study(write_scenario, tmp_path: Path) ->
     assert sorted(r.spec["attack"]["params"]["intensity"] for r in attacked) == sorted(strengths)
     assert {t.user_attrs["jobs"]["train"] for t in trials} == {r.id for r in attacked}
     assert "## Pareto front" in (reports / "tiny-search.md").read_text()
+
+
+def test_asleep_quant_constrains_the_asr_at_each_named_evaluation(write_scenario, tmp_path: Path) -> None:
+    raw = search_scenario(objective="dormant", target_quant="int4/whole", asleep_quant=["int8/whole"], tau=0.5,
+                          n_trials=1, params=[STRENGTH_01], enqueue=[{"attacks.0.strength": 1.0}])
+    raw["quantization"] = {"bits": ["fp32", 8, 4]}
+    outcome = run_search(write_scenario(raw), runs_dir=tmp_path / "runs", reports_dir=tmp_path / "reports")
+    assert outcome.ran == [0]
+    (trial,) = study_of(tmp_path / "runs").get_trials()
+    records = Store(tmp_path / "runs" / "tiny").records().values()
+    int8 = [r.metrics["asr"] for r in records
+            if r.kind == "evaluate" and r.spec["attack"] and (r.spec["quant"] or {}).get("label") == "int8/whole"]
+    assert len(int8) == 1
+    assert trial.constraints["asleep_asr_over_tau"] == pytest.approx(int8[0] - 0.5)
+    assert trial.user_attrs["metrics"]["asr_asleep"] == pytest.approx(int8[0])
+    assert "int8/whole ASR <= 50%" in outcome.report_path.read_text()

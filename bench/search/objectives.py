@@ -2,9 +2,10 @@
 
 * ``dormant``: maximise ASR at the target quantization (``target_quant``, B_t) subject to two declared
   constraints: fp32 ASR <= tau (the backdoor sleeps at full precision) and BA drop <= epsilon (the fp32
-  model looks clean). Constraints go to Optuna as constraint values (<= 0 is feasible;
-  ``Trial.set_constraint``), which TPE and NSGA-II use when sampling and ``Study.best_trial`` honours;
-  the value itself is not penalised.
+  model looks clean); with ``asleep_quant``, also ASR <= tau at each of those quantized evaluations (the
+  backdoor sleeps at 8 and 6 bits too and wakes only at B_t). Constraints go to Optuna as constraint
+  values (<= 0 is feasible; ``Trial.set_constraint``), which TPE and NSGA-II use when sampling and
+  ``Study.best_trial`` honours; the value itself is not penalised.
 * ``multi``: three objectives, ASR at B_t (up), fp32 ASR (down), BA drop (down); the Pareto front is the
   answer.
 * ``asr``: ordinary attacks: maximise fp32 ASR subject to BA drop <= epsilon.
@@ -38,6 +39,7 @@ class TrialMetrics:
     ba_clean: float
     asr_q: float | None = None
     ba_q: float | None = None
+    asr_asleep: float | None = None  # the highest ASR over search.asleep_quant (None: none declared)
 
     @property
     def ba_drop(self) -> float:
@@ -68,7 +70,10 @@ def objective_values(objective: str, m: TrialMetrics) -> list[float]:
 def constraints(objective: str, m: TrialMetrics, tau: float, epsilon: float) -> dict[str, float]:
     """Constraint values by name (<= 0 is feasible); ``multi`` declares none."""
     if objective == "dormant":
-        return {"fp32_asr_over_tau": m.asr - tau, "ba_drop_over_epsilon": m.ba_drop - epsilon}
+        declared = {"fp32_asr_over_tau": m.asr - tau, "ba_drop_over_epsilon": m.ba_drop - epsilon}
+        if m.asr_asleep is not None:
+            declared["asleep_asr_over_tau"] = m.asr_asleep - tau
+        return declared
     if objective == "asr":
         return {"ba_drop_over_epsilon": m.ba_drop - epsilon}
     return {}

@@ -37,7 +37,7 @@ def trial_metrics(trial: FrozenTrial) -> TrialMetrics | None:
     m = trial.user_attrs.get("metrics")
     if not m:
         return None
-    return TrialMetrics(m["ba"], m["asr"], m["ba_clean"], m.get("asr_q"), m.get("ba_q"))
+    return TrialMetrics(m["ba"], m["asr"], m["ba_clean"], m.get("asr_q"), m.get("ba_q"), m.get("asr_asleep"))
 
 
 def feasible(trial: FrozenTrial) -> bool:
@@ -107,7 +107,8 @@ def objective_line(prepared: PreparedSearch) -> str:
     """The objective in words, with its constraints."""
     s, t = prepared.spec, prepared.target
     if s.objective == "dormant":
-        return (f"dormant: maximise ASR@{t} subject to fp32 ASR <= {s.tau * 100:g}% and BA drop <= "
+        asleep = "".join(f", {label} ASR" for label in prepared.asleep)
+        return (f"dormant: maximise ASR@{t} subject to fp32 ASR{asleep} <= {s.tau * 100:g}% and BA drop <= "
                 f"{s.epsilon * 100:g} points (Optuna constraints; the best trial is the best feasible one)")
     if s.objective == "multi":
         return f"multi: maximise ASR@{t}, minimise fp32 ASR, minimise BA drop (Pareto front)"

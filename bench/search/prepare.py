@@ -85,6 +85,7 @@ class PreparedSearch:
     target: str | None
     resolved: scenarios.ResolvedScenario
     plugins: list[str]
+    asleep: tuple[str, ...] = ()  # search.asleep_quant, checked against the scenario's evaluations
 
     @property
     def name(self) -> str:
@@ -129,7 +130,8 @@ def prepare_search(path: str | Path, plugins: list[str] | None = None) -> Prepar
     params = _params(spec, base, source)
     target = _target(spec, resolved, source)
     prepared = PreparedSearch(
-        source, path.parent, raw, base, spec, params, target, resolved, list(plugins or [])
+        source, path.parent, raw, base, spec, params, target, resolved, list(plugins or []),
+        _asleep(spec, resolved, source, target),
     )
     _check_ends(prepared)
     _check_enqueue(prepared)
@@ -170,6 +172,26 @@ def _params(spec: SearchSpec, base: dict[str, Any], source: str) -> list[SearchP
         seen[keys] = i
         out.append(SearchParam(format_path(parse_path(p.path)), keys, p))
     return out
+
+
+def _asleep(
+    spec: SearchSpec, resolved: scenarios.ResolvedScenario, source: str, target: str | None
+) -> tuple[str, ...]:
+    """``search.asleep_quant``: quantized evaluations of the scenario other than the target."""
+    quantized = [q["label"] for q in resolved.quant if q["label"] != "fp32"]
+    if spec.asleep_quant and spec.objective != "dormant":
+        raise ScenarioError(f"{source}: search.asleep_quant: only objective: dormant has it, not {spec.objective}")
+    for i, label in enumerate(spec.asleep_quant):
+        if label not in quantized:
+            raise ScenarioError(
+                f"{source}: search.asleep_quant[{i}]: '{label}' is not among the scenario's quantized "
+                f"evaluations ({', '.join(quantized) or 'none: quantization.bits has only fp32'})"
+            )
+        if label == target:
+            raise ScenarioError(
+                f"{source}: search.asleep_quant[{i}]: '{label}' is the target, where the backdoor must wake"
+            )
+    return tuple(spec.asleep_quant)
 
 
 def _target(spec: SearchSpec, resolved: scenarios.ResolvedScenario, source: str) -> str | None:

@@ -7,6 +7,7 @@ attack and poison rate; the first seed) with Optuna::
       objective: dormant          # dormant | multi | asr
       target_quant: int4/whole    # whose ASR "at target bits" means (default: the qcb objective's setting)
       tau: 0.1                    # dormant: fp32 ASR must stay <= tau
+      asleep_quant: [int8/whole]  # dormant: ... and so must the ASR at these quantized evaluations
       epsilon: 0.02               # dormant, asr: BA drop vs the clean baseline must stay <= epsilon
       n_trials: 20                # total finished trials the study aims at (and/or timeout: seconds)
       sampler: tpe                # tpe | nsga2 | random, seeded with seed
@@ -104,6 +105,7 @@ class SearchSpec(_Strict):
     params: list[ParamSpec] = Field(min_length=1)
     target_quant: str | None = None  # a quantization label (int4/whole); default: the qcb objective's
     tau: float = Field(0.1, ge=0, le=1)  # dormant: highest fp32 ASR allowed
+    asleep_quant: list[str] = Field(default_factory=list)  # dormant: labels whose ASR must also stay <= tau
     epsilon: float = Field(0.02, ge=0, le=1)  # dormant, asr: highest BA drop allowed
     n_trials: int | None = Field(None, ge=1)  # finished trials the study aims at, over all sessions
     timeout: float | None = Field(None, gt=0)  # seconds after which a session starts no new trial

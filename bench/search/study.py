@@ -147,6 +147,7 @@ def fingerprint(base: dict[str, Any], spec: SearchSpec, target: str | None) -> d
         "objective": spec.objective,
         "target_quant": target,
         "tau": spec.tau if spec.objective == "dormant" else None,
+        **({"asleep_quant": sorted(spec.asleep_quant)} if spec.asleep_quant else {}),  # old studies stay valid
         "epsilon": spec.epsilon if spec.objective != "multi" else None,
         "paths": sorted(p.path for p in spec.params),
     }

@@ -86,7 +86,7 @@ class TrialRunner:
             summary = execute(plan, self.store, self.device, self.reporter, ctx=self.ctx)
         finally:
             self.ctx.model_hook = None
-        metrics = collect(plan, self.store, prep.target)
+        metrics = collect(plan, self.store, prep.target, prep.asleep)
         trial.set_user_attr("metrics", metrics.to_dict())
         trial.set_user_attr("ran_jobs", len(summary.ran))
         trial.set_user_attr("reused_jobs", summary.skipped)
@@ -177,20 +177,21 @@ def _quant_config(prepared: PreparedSearch) -> QuantConfig:
     return QuantConfig.from_dict({k: v for k, v in quant.items() if k != "label"})
 
 
-def _attacked_cells(plan: Plan, target: str | None) -> dict[str, Any]:
+def _attacked_cells(plan: Plan, target: str | None, asleep: tuple[str, ...] = ()) -> dict[str, Any]:
     attacked = [c for c in plan.cells if c.attack is not None and c.defense is None and c.quant]
     cells = {c.quant["label"]: c for c in attacked}
-    for label in ("fp32", target):
+    for label in ("fp32", target, *asleep):
         if label is not None and label not in cells:
             raise BenchError(f"{plan.name}: the plan has no attacked cell evaluated at {label}")
     return cells
 
 
-def collect(plan: Plan, store: Store, target: str | None) -> TrialMetrics:
+def collect(plan: Plan, store: Store, target: str | None, asleep: tuple[str, ...] = ()) -> TrialMetrics:
     """The trial's metrics from the stored evaluations of its plan."""
-    cells = _attacked_cells(plan, target)
+    cells = _attacked_cells(plan, target, asleep)
     fp32 = cells["fp32"]
     ids = [fp32.eval_job, fp32.clean_eval_job] + ([cells[target].eval_job] if target else [])
+    ids += [cells[label].eval_job for label in asleep]
     records = store.records(ids)
     missing = [i for i in ids if i not in records]
     if missing:
@@ -202,7 +203,10 @@ def collect(plan: Plan, store: Store, target: str | None) -> TrialMetrics:
         if "not_applicable" in at:
             raise BenchError(f"{plan.name}: search.target_quant: {target}: {at['not_applicable']}")
         asr_q, ba_q = at["asr"], at["ba"]
-    return TrialMetrics(ba=attacked["ba"], asr=attacked["asr"], ba_clean=clean["ba"], asr_q=asr_q, ba_q=ba_q)
+    asleep_asrs = [records[cells[label].eval_job].metrics.get("asr") for label in asleep]
+    asr_asleep = max((a for a in asleep_asrs if a is not None), default=None)
+    return TrialMetrics(ba=attacked["ba"], asr=attacked["asr"], ba_clean=clean["ba"], asr_q=asr_q, ba_q=ba_q,
+                        asr_asleep=asr_asleep)
 
 
 def param_assignment(prepared: PreparedSearch, params: dict[str, Any]) -> dict[str, Any]:
