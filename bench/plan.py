@@ -31,35 +31,53 @@ EVAL_ONLY_TRAIN_KEYS = frozenset({"eval_batch_size"})
 TRAIN_SIZE_HINT = {"digits": 1437, "mnist": 60000, "fashion-mnist": 60000, "cifar10": 50000, "gtsrb": 39209}
 
 
-def job_id(kind: str, spec: dict[str, Any], deps: tuple[str, ...], memo: dict[int, str] | None = None) -> str:
+def job_id(
+    kind: str, spec: dict[str, Any], deps: tuple[str, ...], memo: dict[int, tuple[Any, str]] | None = None
+) -> str:
     """Content hash of a job: same kind, spec and inputs -> same id, whatever scenario asked for it.
 
     The hashed text is ``json.dumps({"deps", "kind", "spec", "v"}, sort_keys=True)``; ``memo`` caches the
     serialisation of component dicts shared by many jobs (keyed by object id, valid while they live), so
     planning a matrix of 100k jobs serialises each component once.
     """
-    spec_text = ", ".join(f'"{k}": {_canonical(spec[k], memo)}' for k in sorted(spec))
-    payload = (
-        f'{{"deps": {json.dumps(list(deps))}, "kind": {json.dumps(kind)}, "spec": {{{spec_text}}}, '
-        f'"v": {JOB_SCHEMA_VERSION}}}'
-    )
+    return _hashed(kind, job_spec_text(spec, memo), deps)
+
+
+def job_spec_text(spec: dict[str, Any], memo: dict[int, tuple[Any, str]] | None = None) -> str:
+    """The spec's sorted ``"key": value`` JSON pairs, without the braces."""
+    return ", ".join(f"{_STR(k)}: {_canonical(spec[k], memo)}" for k in sorted(spec))
+
+
+def _hashed(kind: str, spec_text: str, deps: tuple[str, ...]) -> str:
+    """The job id of a spec already serialised (its sorted ``"key": value`` pairs, without braces)."""
+    deps_text = ", ".join(_STR(d) for d in deps)
+    payload = f'{{"deps": [{deps_text}], "kind": {_STR(kind)}, "spec": {{{spec_text}}}, "v": {JOB_SCHEMA_VERSION}}}'
     return f"{kind[:2]}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
 
 
-def _canonical(value: Any, memo: dict[int, str] | None) -> str:
+_STR = json.encoder.encode_basestring_ascii  # what json.dumps does with a str, in C
+
+
+def _canonical(value: Any, memo: dict[int, tuple[Any, str]] | None) -> str:
     """``json.dumps(value, sort_keys=True)``, with fast paths for scalars and memoised containers."""
     if value is None:
         return "null"
     if value is True or value is False:
         return "true" if value else "false"
-    if type(value) is int or type(value) is float:
+    kind = type(value)
+    if kind is str:
+        return _STR(value)
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float:
         return json.dumps(value)
     if memo is None or not isinstance(value, dict | list):
         return json.dumps(value, sort_keys=True, default=str)
-    key = id(value)
-    if key not in memo:
-        memo[key] = json.dumps(value, sort_keys=True, default=str)
-    return memo[key]
+    hit = memo.get(id(value))
+    if hit is None or hit[0] is not value:
+        # the memo holds the value itself, so its id cannot be reused by another object while the memo lives
+        hit = memo[id(value)] = (value, json.dumps(value, sort_keys=True, default=str))
+    return hit[1]
 
 
 @dataclass(frozen=True)
@@ -140,23 +158,42 @@ def build(resolved: ResolvedScenario) -> Plan:
     """Expand the scenario's matrix into cells and deduplicated jobs."""
     plan = Plan(resolved.name)
     jobs: dict[str, Job] = {}
-    memo: dict[int, str] = {}
-    evals: dict[tuple[str, str, str | None], str] = {}
+    memo: dict[int, tuple[Any, str]] = {}
 
     def add(kind: str, spec: dict[str, Any], deps: tuple[str, ...] = ()) -> str:
         jid = job_id(kind, spec, deps, memo)
         jobs.setdefault(jid, Job(jid, kind, spec, deps))
         return jid
 
-    def evaluate(source: str, attack: dict[str, Any] | None, quant: dict[str, Any], stage: str | None = None,
-                 *, dataset: dict[str, Any], model: dict[str, Any], train: dict[str, Any]) -> str:
-        key = (source, quant["label"], stage)
-        if key not in evals:
-            spec = _eval_spec(dataset, model, attack, train, quant)
-            if stage is not None:
-                spec["stage"] = stage
-            evals[key] = add("evaluate", spec, (source,))
-        return evals[key]
+    quant_texts = [_canonical(None if q["label"] == "fp32" else q, memo) for q in resolved.quant]
+    evals: dict[tuple[str, str | None], list[str]] = {}
+
+    def evaluations(source: str, attack: dict[str, Any] | None, stage: str | None, dataset: dict[str, Any],
+                    model: dict[str, Any], train: dict[str, Any]) -> list[str]:
+        """The evaluation job of ``source`` (a trained or defended model) at every quant config, in order.
+
+        A big matrix has ~100k of them; those of one model share their hashed text up to the spec's "quant"
+        key (keys sort), so each one hashes only its quant config and stage (the ids job_id gives)."""
+        key = (source, stage)
+        if key in evals:
+            return evals[key]
+        head_spec = _eval_spec(dataset, model, attack, train, resolved.quant[0])
+        head = job_spec_text({k: v for k, v in head_spec.items() if k < "quant"}, memo)
+        prefix = hashlib.sha256(f'{{"deps": [{_STR(source)}], "kind": "evaluate", "spec": {{{head}'.encode())
+        tail = (f', "stage": {_STR(stage)}' if stage is not None else "") + f'}}, "v": {JOB_SCHEMA_VERSION}}}'
+        ids = []
+        for quant, quant_text in zip(resolved.quant, quant_texts, strict=True):
+            digest = prefix.copy()
+            digest.update(f', "quant": {quant_text}{tail}'.encode())
+            jid = f"ev-{digest.hexdigest()[:16]}"
+            if jid not in jobs:
+                spec = _eval_spec(dataset, model, attack, train, quant)
+                if stage is not None:
+                    spec["stage"] = stage
+                jobs[jid] = Job(jid, "evaluate", spec, (source,))
+            ids.append(jid)
+        evals[key] = ids
+        return ids
 
     scenario = resolved.scenario
     attacks: list[tuple[dict[str, Any] | None, float | None]] = [(None, None)]
@@ -165,19 +202,17 @@ def build(resolved: ResolvedScenario) -> Plan:
     for dataset, model, train, seed in itertools.product(
         resolved.datasets, resolved.models, resolved.train, scenario.seeds
     ):
-        ctx = {"dataset": dataset, "model": model, "train": train}
         fit = {k: v for k, v in train.items() if k not in EVAL_ONLY_TRAIN_KEYS}
         base = {"dataset": dataset, "model": model, "train": fit, "seed": seed}
         clean_train = add("train", {**base, "attack": None, "poison_rate": None})
+        clean_evals = evaluations(clean_train, None, None, dataset, model, train)
         for attack, rate in attacks:
             train_job = (
                 clean_train if attack is None else add("train", {**base, "attack": attack, "poison_rate": rate})
             )
-            for quant in resolved.quant:
-                plan.cells.append(Cell(
-                    dataset, model, attack, rate, seed, train, train_job,
-                    evaluate(train_job, attack, quant, **ctx), evaluate(clean_train, None, quant, **ctx), quant,
-                ))
+            trained_evals = evaluations(train_job, attack, None, dataset, model, train)
+            for quant, own, clean in zip(resolved.quant, trained_evals, clean_evals, strict=True):
+                plan.cells.append(Cell(dataset, model, attack, rate, seed, train, train_job, own, clean, quant))
             if attack is None:
                 continue
             for defense in resolved.defenses:
@@ -185,12 +220,14 @@ def build(resolved: ResolvedScenario) -> Plan:
                                  (train_job,))
                 plan.defenses.append({"dataset": dataset, "model": model, "attack": attack, "poison_rate": rate,
                                       "seed": seed, "train": train, "defense": defense, "job": defend_job})
-                for stage, quant in itertools.product(stages[defense["name"]], resolved.quant):
-                    plan.cells.append(Cell(
-                        dataset, model, attack, rate, seed, train, train_job,
-                        evaluate(defend_job, attack, quant, stage, **ctx), evaluate(clean_train, None, quant, **ctx),
-                        quant, {**defense, "stage": stage}, evaluate(train_job, attack, quant, **ctx),
-                    ))
+                for stage in stages[defense["name"]]:
+                    defended = evaluations(defend_job, attack, stage, dataset, model, train)
+                    staged = {**defense, "stage": stage}
+                    for quant, own, clean, before in zip(
+                        resolved.quant, defended, clean_evals, trained_evals, strict=True
+                    ):
+                        plan.cells.append(Cell(dataset, model, attack, rate, seed, train, train_job, own, clean,
+                                               quant, staged, before))
     order = {"train": 0, "defend": 1, "evaluate": 2}
     plan.jobs = sorted(jobs.values(), key=lambda j: order.get(j.kind, 9))
     return plan

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bench import plan as planning
 from bench import scenario as scenarios
+from bench.registry import load_builtins
 from bench.store import Store
 
 
@@ -23,9 +24,13 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.perf_counter()
+    load_builtins()  # imports torch and every built-in component: paid once per process
+    imports = time.perf_counter() - start
+    start = time.perf_counter()
     resolved = scenarios.load(args.scenario)
     plan = planning.build(resolved)
     seconds = time.perf_counter() - start
+    print(f"imports (torch, built-in components): {imports:.3f} s")
     kinds = {k: sum(1 for j in plan.jobs if j.kind == k) for k in ("train", "defend", "evaluate")}
     print(f"planning {args.scenario}: {seconds:.3f} s, {len(plan.cells)} cells, {len(plan.jobs)} jobs {kinds}")
 

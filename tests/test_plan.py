@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+
 from bench import plan as planning
 from bench import scenario as sc
 from tests.conftest import tiny_scenario
@@ -59,3 +65,26 @@ def test_summary_counts_done_jobs():
     assert summary["jobs"]["train"] == {"total": 2, "done": 1}
     assert summary["pending_jobs"] == len(plan.jobs) - 1
     assert summary["pending_training_images"] == 1437  # one epoch of digits left
+
+
+_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=3)
+                       | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
+
+
+@given(st.dictionaries(st.text(max_size=8), _values, max_size=5), st.lists(st.text(max_size=6), max_size=3),
+       st.sampled_from(["train", "evaluate", "defend"]))
+def test_job_id_hashes_the_sorted_json_of_kind_spec_and_deps(spec, deps, kind):
+    text = json.dumps({"deps": deps, "kind": kind, "spec": spec, "v": planning.JOB_SCHEMA_VERSION}, sort_keys=True)
+    expected = f"{kind[:2]}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    assert planning.job_id(kind, spec, tuple(deps), {}) == expected
+    assert planning.job_id(kind, spec, tuple(deps)) == expected
+
+
+def test_every_planned_id_is_the_content_hash_of_its_job():
+    data = tiny_scenario(seeds=[0, 1], poison_rates=[0.05, 0.1], quantization={"bits": ["fp32", 8, 4],
+                         "scopes": ["whole", "gate"]}, defenses=[{"name": "fine-pruning", "rate": 0.2}])
+    plan = _plan(data)
+    assert any(j.kind == "evaluate" and "stage" in j.spec for j in plan.jobs)
+    for job in plan.jobs:
+        assert job.id == planning.job_id(job.kind, job.spec, job.deps), job.spec
