@@ -45,7 +45,8 @@ def _fail(exc: BenchError) -> typer.Exit:
 
 
 class RichReporter:
-    """Progress bars: one for jobs, one for the epochs of the training in flight."""
+    """Progress bars: one for jobs, one per training in flight (its epochs when they are reported here;
+    with ``--workers`` several trainings run in other processes and show as they start and finish)."""
 
     def __init__(self, console: Console) -> None:
         self.progress = Progress(
@@ -53,6 +54,7 @@ class RichReporter:
             TextColumn("{task.fields[info]}"), console=console, transient=False,
         )
         self.jobs_task: int | None = None
+        self.job_tasks: dict[str, int] = {}
         self.epoch_task: int | None = None
 
     def __enter__(self) -> RichReporter:
@@ -67,20 +69,24 @@ class RichReporter:
         self.jobs_task = self.progress.add_task("jobs", total=total, info=info)
 
     def job_started(self, job: Job) -> None:
-        if self.epoch_task is not None:
-            self.progress.remove_task(self.epoch_task)
-            self.epoch_task = None
         if job.kind == "train":
             spec = job.spec
             what = "clean" if spec["attack"] is None else f"{spec['attack']['name']}@{spec['poison_rate']:g}"
             label = f"  train {spec['model']['name']}/{spec['dataset']['name']} {what} seed {spec['seed']}"
-            self.epoch_task = self.progress.add_task(label, total=spec["train"]["epochs"], info="")
+            self.epoch_task = self.job_tasks[job.id] = self.progress.add_task(
+                label, total=spec["train"]["epochs"], info=""
+            )
 
     def epoch(self, epoch: int, epochs: int, loss: float) -> None:
         if self.epoch_task is not None:
             self.progress.update(self.epoch_task, completed=epoch, info=f"loss {loss:.3f}")
 
     def job_finished(self, job: Job, seconds: float) -> None:
+        task = self.job_tasks.pop(job.id, None)
+        if task is not None:
+            self.progress.remove_task(task)
+            if task == self.epoch_task:
+                self.epoch_task = None
         if self.jobs_task is not None:
             self.progress.advance(self.jobs_task)
 
@@ -133,6 +139,8 @@ def run(
     reports_dir: Annotated[Path, typer.Option("--reports-dir", help="Where reports are written.")] = Path("reports"),
     as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: the plan as JSON.")] = False,
     plugins: PluginsOpt = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Jobs run at once, one process each "
+                                         "(several GPUs: one per worker).")] = 1,
 ) -> None:
     """Run a scenario: train, evaluate, write the report. Resumes whatever is already stored."""
     if dry_run:
@@ -140,7 +148,7 @@ def run(
         return
     try:
         with RichReporter(err) as reporter:
-            outcome = runner.run(scenario, runs_dir, reports_dir, fresh, device, plugins, reporter)
+            outcome = runner.run(scenario, runs_dir, reports_dir, fresh, device, plugins, reporter, workers)
     except BenchError as exc:
         raise _fail(exc) from None
     except KeyboardInterrupt:

@@ -60,6 +60,11 @@ def _plugin_files(path: Path) -> list[Path]:
     return sorted(p for p in path.glob("*.py") if not p.name.startswith(skip))
 
 
+def loaded_plugin_files() -> list[Path]:
+    """Every plugin file this process has loaded (worker processes load the same ones)."""
+    return sorted(_LOADED_FILES)
+
+
 def load_plugin_file(path: Path) -> None:
     """Import one plugin file; any failure becomes a :class:`PluginError` naming the file."""
     path = path.resolve()

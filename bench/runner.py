@@ -19,6 +19,7 @@ from bench import report as reporting
 from bench import scenario as scenarios
 from bench.errors import BenchError, ScenarioError
 from bench.execute.local import ExecutionSummary, Reporter, execute
+from bench.execute.pool import execute_parallel
 from bench.jobs import JobContext
 from bench.store import Store, git_commit, open_existing
 from bench.train import resolve_device
@@ -105,8 +106,10 @@ def run(
     device: str | None = None,
     plugins: list[str] | None = None,
     reporter: Reporter | None = None,
+    workers: int = 1,
 ) -> RunOutcome:
-    """Run a scenario to completion (resuming whatever the store already holds) and write its report."""
+    """Run a scenario to completion (resuming whatever the store already holds) and write its report;
+    ``workers > 1`` runs independent jobs at once in worker processes (:mod:`bench.execute.pool`)."""
     prepared = prepare(path, plugins)
     root = store_dir(runs_dir, prepared.resolved.name)
     if fresh and root.exists():
@@ -122,7 +125,10 @@ def run(
     check_data(prepared, ctx)
     pictures = trigger_pictures(prepared, ctx, Path(reports_dir) / prepared.resolved.name)
     store.set_meta("pictures", [str(p.resolve()) for p in pictures])
-    summary = execute(prepared.plan, store, dev, reporter, ctx=ctx)
+    if workers > 1:
+        summary = execute_parallel(prepared.plan, store, dev, workers, reporter)
+    else:
+        summary = execute(prepared.plan, store, dev, reporter, ctx=ctx)
     report_path = write_report(store, Path(reports_dir) / f"{prepared.resolved.name}.md")
     return RunOutcome(summary, report_path, store)
 

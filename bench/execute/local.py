@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from bench.jobs import JobContext, run_job
+from bench.jobs import JobContext, JobOutput, run_job
 from bench.plan import Job, Plan
 from bench.store import Store
 
@@ -44,6 +44,15 @@ class ExecutionSummary:
     seconds: float = 0.0
 
 
+def record_job(store: Store, job: Job, out: JobOutput, seconds: float, device: torch.device) -> None:
+    """Write a finished job's artifacts (the model, each stage's model), then its row: the row is what
+    marks the job done, so a crash between the two only costs the job."""
+    artifact = store.save_state(job.id, out.state) if out.state is not None else None
+    for stage, state in out.stages.items():
+        store.save_state(f"{job.id}.{stage}", state)
+    store.record(job.id, job.kind, job.spec, list(job.deps), out.metrics, seconds, str(device), artifact)
+
+
 def execute(plan: Plan, store: Store, device: torch.device, reporter: Reporter | None = None,
             ctx: JobContext | None = None) -> ExecutionSummary:
     """Run every job of ``plan`` not yet in ``store``; record each as soon as it finishes."""
@@ -59,11 +68,8 @@ def execute(plan: Plan, store: Store, device: torch.device, reporter: Reporter |
         reporter.job_started(job)
         t0 = time.perf_counter()
         out = run_job(job, ctx)
-        artifact = store.save_state(job.id, out.state) if out.state is not None else None
-        for stage, state in out.stages.items():
-            store.save_state(f"{job.id}.{stage}", state)
         seconds = time.perf_counter() - t0
-        store.record(job.id, job.kind, job.spec, list(job.deps), out.metrics, seconds, str(device), artifact)
+        record_job(store, job, out, seconds, device)
         summary.ran.append(job.id)
         reporter.job_finished(job, seconds)
     summary.seconds = time.perf_counter() - start

@@ -1,0 +1,115 @@
+"""Parallel local executor: ``bench run --workers N`` runs independent jobs of a plan at once.
+
+Each worker is a separate process (spawned, so CUDA works in it) with its own data cache and its own
+connection to the store; a job starts once every job it depends on is recorded, and a worker records its
+job's row and artifacts itself the moment it finishes (the store is safe for several writers). The main
+process only schedules and shows progress. On a machine with several GPUs and ``device: cuda`` each worker
+gets its own GPU (worker i -> ``cuda:i mod n``); on a CPU the cores are split between the workers.
+
+Interrupting loses at most the jobs in flight (one per worker); the next ``bench run`` resumes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.execute.local import ExecutionSummary, Reporter, SilentReporter, record_job
+from bench.plan import Job, Plan
+from bench.store import Store
+
+# one per worker process, set by _start_worker
+_WORKER: dict[str, Any] = {}
+
+
+def worker_devices(device: torch.device, workers: int) -> list[str]:
+    """The device of each worker: every CUDA device in turn for ``cuda`` without an index, else ``device``."""
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        count = torch.cuda.device_count()
+        return [f"cuda:{i % count}" for i in range(workers)]
+    return [str(device)] * workers
+
+
+def _start_worker(root: str, devices: Any, threads: int, plugin_files: list[str]) -> None:
+    """Worker initialiser: its device, its share of the CPU threads, the run's plugins, a store handle."""
+    from bench.jobs import JobContext
+    from bench.plugins import load_plugin_file
+
+    torch.set_num_threads(threads)
+    for path in plugin_files:
+        load_plugin_file(Path(path))
+    device = torch.device(devices.get())
+    store = Store(root)
+    _WORKER.update(store=store, device=device, ctx=JobContext(store, device))
+
+
+def _run_in_worker(job: Job) -> float:
+    """Run one job in this worker and record it; its wall time in seconds."""
+    from bench.jobs import run_job
+
+    t0 = time.perf_counter()
+    out = run_job(job, _WORKER["ctx"])
+    seconds = time.perf_counter() - t0
+    record_job(_WORKER["store"], job, out, seconds, _WORKER["device"])
+    return seconds
+
+
+def execute_parallel(plan: Plan, store: Store, device: torch.device, workers: int,
+                     reporter: Reporter | None = None, plugin_files: list[str] | None = None) -> ExecutionSummary:
+    """Run every job of ``plan`` not yet in ``store`` on ``workers`` processes, in dependency order."""
+    from bench.plugins import loaded_plugin_files
+
+    reporter = reporter or SilentReporter()
+    pending = plan.pending(store.done_ids())
+    summary = ExecutionSummary(skipped=len(plan.jobs) - len(pending))
+    reporter.start(len(pending), summary.skipped)
+    start = time.perf_counter()
+    if not pending:
+        return summary
+    pending_ids = {job.id for job in pending}
+    waiting = {job.id: {d for d in job.deps if d in pending_ids} for job in pending}
+    dependents: dict[str, list[Job]] = {}
+    for job in pending:
+        for dep in waiting[job.id]:
+            dependents.setdefault(dep, []).append(job)
+    ready = deque(job for job in pending if not waiting[job.id])
+
+    spawn = multiprocessing.get_context("spawn")
+    devices = spawn.Queue()  # each worker takes one device name as it starts
+    for name in worker_devices(device, workers):
+        devices.put(name)
+    threads = max(1, (os.cpu_count() or 1) // workers) if device.type == "cpu" else 1
+    files = plugin_files if plugin_files is not None else [str(p) for p in loaded_plugin_files()]
+    running: dict[Future[float], Job] = {}
+    with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_start_worker,
+                             initargs=(str(store.root), devices, threads, files)) as pool:
+        try:
+            while ready or running:
+                while ready and len(running) < workers:
+                    job = ready.popleft()
+                    reporter.job_started(job)
+                    running[pool.submit(_run_in_worker, job)] = job
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    job = running.pop(future)
+                    seconds = future.result()  # a failed job stops the run; what finished stays stored
+                    summary.ran.append(job.id)
+                    reporter.job_finished(job, seconds)
+                    for child in dependents.get(job.id, []):
+                        waiting[child.id].discard(job.id)
+                        if not waiting[child.id]:
+                            ready.append(child)
+        except BaseException:
+            for future in running:
+                future.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    summary.seconds = time.perf_counter() - start
+    return summary
