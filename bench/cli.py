@@ -141,6 +141,10 @@ def run(
     plugins: PluginsOpt = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Jobs run at once, one process each "
                                          "(several GPUs: one per worker).")] = 1,
+    executor: Annotated[str, typer.Option("--executor", help="local (this machine) or ray (a Ray cluster).")]
+    = "local",
+    address: Annotated[str | None, typer.Option("--address", help="With --executor ray: the cluster's address "
+                                                "(auto, ray://host:10001); default: a local Ray cluster.")] = None,
 ) -> None:
     """Run a scenario: train, evaluate, write the report. Resumes whatever is already stored."""
     if dry_run:
@@ -148,7 +152,8 @@ def run(
         return
     try:
         with RichReporter(err) as reporter:
-            outcome = runner.run(scenario, runs_dir, reports_dir, fresh, device, plugins, reporter, workers)
+            outcome = runner.run(scenario, runs_dir, reports_dir, fresh, device, plugins, reporter, workers,
+                                 executor, address)
     except BenchError as exc:
         raise _fail(exc) from None
     except KeyboardInterrupt:

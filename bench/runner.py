@@ -20,6 +20,7 @@ from bench import scenario as scenarios
 from bench.errors import BenchError, ScenarioError
 from bench.execute.local import ExecutionSummary, Reporter, execute
 from bench.execute.pool import execute_parallel
+from bench.execute.ray_cluster import execute_ray
 from bench.jobs import JobContext
 from bench.store import Store, git_commit, open_existing
 from bench.train import resolve_device
@@ -107,9 +108,16 @@ def run(
     plugins: list[str] | None = None,
     reporter: Reporter | None = None,
     workers: int = 1,
+    executor: str = "local",
+    address: str | None = None,
 ) -> RunOutcome:
     """Run a scenario to completion (resuming whatever the store already holds) and write its report;
-    ``workers > 1`` runs independent jobs at once in worker processes (:mod:`bench.execute.pool`)."""
+    ``workers > 1`` runs independent jobs at once in worker processes (:mod:`bench.execute.pool`);
+    ``executor="ray"`` runs them as tasks on a Ray cluster (:mod:`bench.execute.ray_cluster`)."""
+    if executor not in ("local", "ray"):
+        raise BenchError(f"--executor: must be local or ray, got {executor!r}")
+    if address is not None and executor != "ray":
+        raise BenchError("--address: only --executor ray connects to a cluster")
     prepared = prepare(path, plugins)
     root = store_dir(runs_dir, prepared.resolved.name)
     if fresh and root.exists():
@@ -125,7 +133,9 @@ def run(
     check_data(prepared, ctx)
     pictures = trigger_pictures(prepared, ctx, Path(reports_dir) / prepared.resolved.name)
     store.set_meta("pictures", [str(p.resolve()) for p in pictures])
-    if workers > 1:
+    if executor == "ray":
+        summary = execute_ray(prepared.plan, store, dev, reporter, address=address)
+    elif workers > 1:
         summary = execute_parallel(prepared.plan, store, dev, workers, reporter)
     else:
         summary = execute(prepared.plan, store, dev, reporter, ctx=ctx)

@@ -58,3 +58,39 @@ def test_two_workers_record_what_one_process_records(write_scenario, tmp_path):
 def test_each_worker_gets_a_device():
     assert worker_devices(torch.device("cpu"), 3) == ["cpu", "cpu", "cpu"]
     assert worker_devices(torch.device("cuda:1"), 2) == ["cuda:1", "cuda:1"]
+
+
+@pytest.mark.slow
+def test_a_local_ray_cluster_runs_and_resumes_the_plan(write_scenario, tmp_path):
+    ray = pytest.importorskip("ray")
+    one = runner.run(write_scenario(_scenario("one"), "one.yaml"), tmp_path / "runs", tmp_path / "reports")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # a real local cluster
+    try:
+        on_ray = runner.run(write_scenario(_scenario("ray"), "ray.yaml"), tmp_path / "runs",
+                            tmp_path / "reports", executor="ray")
+        assert sorted(on_ray.summary.ran) == sorted(one.summary.ran)
+        records = Store(tmp_path / "runs" / "ray").records()
+        assert all(r.device == "cpu" for r in records.values())
+        assert all((tmp_path / "runs" / "ray" / r.artifact).is_file() for r in records.values() if r.artifact)
+        first = _records(tmp_path / "runs" / "one")
+        for job_id, (kind, metrics) in first.items():
+            if "ba" in metrics:
+                assert records[job_id].metrics["ba"] == pytest.approx(metrics["ba"], abs=0.02), kind
+        again = runner.run(tmp_path / "ray.yaml", tmp_path / "runs", tmp_path / "reports", executor="ray")
+        assert again.summary.ran == [] and again.summary.skipped == len(records)
+    finally:
+        ray.shutdown()
+    assert "sig" in (tmp_path / "reports" / "ray.md").read_text()
+
+
+def test_unknown_executor_and_stray_address_exit_2(write_scenario, tmp_path):
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    path = write_scenario(_scenario("bad"))
+    for extra, message in ((["--executor", "slurm"], "--executor: must be local or ray"),
+                           (["--address", "auto"], "--address: only --executor ray")):
+        result = CliRunner().invoke(app, ["run", str(path), "--runs-dir", str(tmp_path / "runs"), *extra])
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "runs" / "bad").exists()
