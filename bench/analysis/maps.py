@@ -92,7 +92,10 @@ def draw_selection_maps(
     outline = touch if touch is not None and not bool(touch.all()) else None
     cols = len(sides) * (1 + experts)
     labels = list(selections)
-    fig, axes = _panels(n * len(labels), cols, title, _Layout())
+    legend = "kept patches as they are, inside the expert's outline; the others faded"
+    if outline is not None:
+        legend += "; magenta: patches the trigger touches"
+    fig, axes = _panels(n * len(labels), cols, f"{title} ({legend})" if title else legend, _Layout())
     for i in range(n):
         for m, label in enumerate(labels):
             row = axes[i * len(labels) + m]
