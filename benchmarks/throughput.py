@@ -1,7 +1,7 @@
 """Training throughput (images/s) of the paper-size and the small pMoE at batch 128 on this device,
 with the share of the device's measured dense matmul peak, and peak memory.
 
-    python benchmarks/throughput.py [--device cpu] [--steps 20] [--precision fp32|bf16] [--channels-last]
+    python benchmarks/throughput.py [--device cpu] [--steps 20] [--precision fp32|bf16] [--channels-last] [--loop]
 """
 
 from __future__ import annotations
@@ -74,12 +74,40 @@ def measure(name: str, params: dict, shape: tuple[int, int, int], device: torch.
     return {"images_per_s": 128 / seconds, "step_ms": seconds * 1000, "flops_per_s": flops / seconds}
 
 
+def loop_overhead(name: str, params: dict, shape: tuple[int, int, int], device: torch.device, steps: int,
+                  augment: str) -> dict[str, float]:
+    """Share of a training step spent outside forward/backward/optimizer: bench.train.fit over ``steps``
+    batches (shuffling, augmentation on the device, progress) against the bare steps on one batch."""
+    from bench.scenario import TrainSpec
+    from bench.train import fit
+
+    cfg = TrainSpec(epochs=1, batch_size=128, lr=0.1).model_dump()
+    x = torch.rand(128 * steps, *shape, device=device)
+    y = torch.randint(0, 10, (128 * steps,), device=device)
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return REGISTRY.get("model", name).create(
+            input_shape=shape, num_classes=10, mean=(0.5,) * shape[0], std=(0.25,) * shape[0], **params
+        ).to(device)
+
+    fit(model(), x[:256], y[:256], cfg, seed=0, augment=augment)  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    fit(model(), x, y, cfg, seed=0, augment=augment)
+    _sync(device)
+    loop = (time.perf_counter() - start) / steps
+    bare = measure(name, params, shape, device, steps, "fp32", False)["step_ms"] / 1000
+    return {"loop_ms": loop * 1000, "bare_ms": bare * 1000, "overhead": max(0.0, loop - bare) / loop}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--loop", action="store_true", help="also time the real training loop (bench.train.fit)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     peak = matmul_peak_flops(device)
@@ -93,6 +121,10 @@ def main() -> None:
         r = measure(name, params, shape, device, args.steps, args.precision, args.channels_last)
         print(f"{label:20s} batch 128 {shape}: {r['images_per_s']:8.1f} images/s, {r['step_ms']:7.1f} ms/step, "
               f"{r['flops_per_s'] / peak:6.1%} of matmul peak")
+    for label, params, shape in cases[:1] if args.loop else []:
+        r = loop_overhead(label.split()[0], params, shape, device, args.steps, "crop_flip")
+        print(f"{label:20s} training loop: {r['loop_ms']:7.1f} ms/step vs {r['bare_ms']:7.1f} bare: "
+              f"{r['overhead']:5.1%} of a step outside forward/backward/optimizer")
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
     print(f"peak host memory (max RSS) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")

@@ -88,3 +88,20 @@ def test_every_planned_id_is_the_content_hash_of_its_job():
     assert any(j.kind == "evaluate" and "stage" in j.spec for j in plan.jobs)
     for job in plan.jobs:
         assert job.id == planning.job_id(job.kind, job.spec, job.deps), job.spec
+
+
+def test_dependency_tracker_releases_a_job_once_all_its_pending_inputs_finish():
+    from bench.execute.schedule import DependencyTracker
+
+    plan = _plan(tiny_scenario(defenses=[{"name": "fine-pruning", "rate": 0.2}]))
+    done_before = {j.id for j in plan.jobs if j.kind == "train" and j.spec["attack"] is None}
+    pending = plan.pending(done_before)
+    tracker = DependencyTracker(pending)
+    finished: set[str] = set(done_before)
+    ready = list(tracker.initial)
+    while ready:
+        job = ready.pop(0)
+        assert all(d in finished for d in job.deps)
+        finished.add(job.id)
+        ready += tracker.finished(job.id)
+    assert finished == {j.id for j in plan.jobs}

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from bench.execute.local import ExecutionSummary, Reporter, SilentReporter, record_job
+from bench.execute.schedule import DependencyTracker
 from bench.plan import Job, Plan
 from bench.store import Store
 
@@ -73,13 +74,8 @@ def execute_parallel(plan: Plan, store: Store, device: torch.device, workers: in
     start = time.perf_counter()
     if not pending:
         return summary
-    pending_ids = {job.id for job in pending}
-    waiting = {job.id: {d for d in job.deps if d in pending_ids} for job in pending}
-    dependents: dict[str, list[Job]] = {}
-    for job in pending:
-        for dep in waiting[job.id]:
-            dependents.setdefault(dep, []).append(job)
-    ready = deque(job for job in pending if not waiting[job.id])
+    tracker = DependencyTracker(pending)
+    ready = deque(tracker.initial)
 
     spawn = multiprocessing.get_context("spawn")
     devices = spawn.Queue()  # each worker takes one device name as it starts
@@ -102,10 +98,7 @@ def execute_parallel(plan: Plan, store: Store, device: torch.device, workers: in
                     seconds = future.result()  # a failed job stops the run; what finished stays stored
                     summary.ran.append(job.id)
                     reporter.job_finished(job, seconds)
-                    for child in dependents.get(job.id, []):
-                        waiting[child.id].discard(job.id)
-                        if not waiting[child.id]:
-                            ready.append(child)
+                    ready.extend(tracker.finished(job.id))
         except BaseException:
             for future in running:
                 future.cancel()

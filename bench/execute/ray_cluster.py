@@ -22,6 +22,7 @@ import torch
 
 from bench.errors import BenchError
 from bench.execute.local import ExecutionSummary, Reporter, SilentReporter
+from bench.execute.schedule import DependencyTracker
 from bench.jobs import JobContext, JobOutput, run_job
 from bench.plan import Job, Plan
 from bench.store import JobRecord, Store
@@ -114,12 +115,7 @@ def execute_ray(plan: Plan, store: Store, device: torch.device, reporter: Report
 def _drive(ray: Any, task: Any, root: str, pending: list[Job], store: Store, reporter: Reporter,
            summary: ExecutionSummary, files: list[str]) -> None:
     """Submit each job once its inputs are recorded; record each as it finishes."""
-    pending_ids = {job.id for job in pending}
-    waiting = {job.id: {d for d in job.deps if d in pending_ids} for job in pending}
-    dependents: dict[str, list[Job]] = {}
-    for job in pending:
-        for dep in waiting[job.id]:
-            dependents.setdefault(dep, []).append(job)
+    tracker = DependencyTracker(pending)
     running: dict[Any, Job] = {}
 
     def submit(job: Job) -> None:
@@ -127,9 +123,8 @@ def _drive(ray: Any, task: Any, root: str, pending: list[Job], store: Store, rep
         reporter.job_started(job)
         running[task.remote(root, job, inputs, files)] = job
 
-    for job in pending:
-        if not waiting[job.id]:
-            submit(job)
+    for job in tracker.initial:
+        submit(job)
     try:
         while running:
             (ref,), _ = ray.wait(list(running), num_returns=1)
@@ -142,10 +137,8 @@ def _drive(ray: Any, task: Any, root: str, pending: list[Job], store: Store, rep
                          result["device"], result["artifact"])
             summary.ran.append(job.id)
             reporter.job_finished(job, result["seconds"])
-            for child in dependents.get(job.id, []):
-                waiting[child.id].discard(job.id)
-                if not waiting[child.id]:
-                    submit(child)
+            for child in tracker.finished(job.id):
+                submit(child)
     except BaseException:
         for ref in running:
             ray.cancel(ref, force=True)
