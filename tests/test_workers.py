@@ -61,8 +61,9 @@ def test_each_worker_gets_a_device():
 
 
 @pytest.mark.slow
-def test_a_local_ray_cluster_runs_and_resumes_the_plan(write_scenario, tmp_path):
+def test_a_local_ray_cluster_runs_and_resumes_the_plan(write_scenario, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")  # no network calls from the test cluster
     one = runner.run(write_scenario(_scenario("one"), "one.yaml"), tmp_path / "runs", tmp_path / "reports")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # a real local cluster
     try:
