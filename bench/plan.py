@@ -179,7 +179,7 @@ def _build(resolved: ResolvedScenario) -> Plan:
         return jid
 
     quant_texts = [_canonical(None if q["label"] == "fp32" else q, memo) for q in resolved.quant]
-    evals: dict[tuple[str, str | None], list[str]] = {}
+    evals: dict[tuple[Any, ...], list[str]] = {}
 
     def evaluations(source: str, attack: dict[str, Any] | None, stage: str | None, dataset: dict[str, Any],
                     model: dict[str, Any], train: dict[str, Any]) -> list[str]:
@@ -187,10 +187,11 @@ def _build(resolved: ResolvedScenario) -> Plan:
 
         A big matrix has ~100k of them; those of one model share their hashed text up to the spec's "quant"
         key (keys sort), so each one hashes only its quant config and stage (the ids job_id gives)."""
-        key = (source, stage)
+        key = (source, stage, train["eval_batch_size"], train["precision"])
         if key in evals:
             return evals[key]
         head_spec = _eval_spec(dataset, model, attack, train, resolved.quant[0])
+        assert max(k for k in head_spec if k != "quant") < "quant" < "stage", "the id shortcut needs these keys"
         head = job_spec_text({k: v for k, v in head_spec.items() if k < "quant"}, memo)
         prefix = hashlib.sha256(f'{{"deps": [{_STR(source)}], "kind": "evaluate", "spec": {{{head}'.encode())
         tail = (f', "stage": {_STR(stage)}' if stage is not None else "") + f'}}, "v": {JOB_SCHEMA_VERSION}}}'

@@ -28,9 +28,10 @@ _LOADED_FILES: set[Path] = set()
 _ENTRY_POINTS_LOADED = False
 
 
-def load_plugins(paths: list[str], base_dir: Path | None = None, source: str = "") -> None:
+def load_plugins(paths: list[str], base_dir: Path | None = None, source: str = "") -> list[Path]:
     """Import every plugin file or folder in ``paths`` (relative paths resolve against ``base_dir``,
-    then the working directory)."""
+    then the working directory); the files, absolute (worker processes load the same ones)."""
+    files: list[Path] = []
     for raw in paths:
         path = _resolve(raw, base_dir)
         if path is None:
@@ -38,6 +39,8 @@ def load_plugins(paths: list[str], base_dir: Path | None = None, source: str = "
             raise PluginError(f"{where}plugins: '{raw}' does not exist (a .py file or a folder of them)")
         for file in _plugin_files(path):
             load_plugin_file(file)
+            files.append(file.resolve())
+    return files
 
 
 def _resolve(raw: str, base_dir: Path | None) -> Path | None:
@@ -58,11 +61,6 @@ def _plugin_files(path: Path) -> list[Path]:
     # a folder's private modules and its tests (test_*.py, conftest.py) are not plugins
     skip = ("_", "test_", "conftest.")
     return sorted(p for p in path.glob("*.py") if not p.name.startswith(skip))
-
-
-def loaded_plugin_files() -> list[Path]:
-    """Every plugin file this process has loaded (worker processes load the same ones)."""
-    return sorted(_LOADED_FILES)
 
 
 def load_plugin_file(path: Path) -> None:

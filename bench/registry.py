@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, PydanticUserError, TypeAdapter, ValidationError, create_model
 
 from bench.errors import ComponentParamsError, PluginError, UnknownComponentError
 
@@ -132,7 +132,10 @@ def _check_param(kind: str, name: str, pname: str, annotation: Any, default: Any
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            adapter: TypeAdapter[Any] = TypeAdapter(annotation, config=config)
+            try:
+                adapter: TypeAdapter[Any] = TypeAdapter(annotation, config=config)
+            except PydanticUserError:  # models, dataclasses and TypedDicts carry their own config
+                adapter = TypeAdapter(annotation)
         unchecked = [w for w in caught if w.category.__name__ == "ArbitraryTypeWarning"]  # "not a type"
         if unchecked:
             raise TypeError(str(unchecked[0].message).split(" (")[0])

@@ -118,6 +118,8 @@ def run(
         raise BenchError(f"--executor: must be local or ray, got {executor!r}")
     if address is not None and executor != "ray":
         raise BenchError("--address: only --executor ray connects to a cluster")
+    if workers > 1 and executor == "ray":
+        raise BenchError("--workers: the Ray executor runs as many jobs as the cluster has room for; drop --workers")
     prepared = prepare(path, plugins)
     root = store_dir(runs_dir, prepared.resolved.name)
     if fresh and root.exists():
@@ -133,10 +135,16 @@ def run(
     check_data(prepared, ctx)
     pictures = trigger_pictures(prepared, ctx, Path(reports_dir) / prepared.resolved.name)
     store.set_meta("pictures", [str(p.resolve()) for p in pictures])
+    if executor == "ray" or workers > 1:
+        ctx = None  # the workers load their own data; this process keeps none on the device
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     if executor == "ray":
-        summary = execute_ray(prepared.plan, store, dev, reporter, address=address)
+        summary = execute_ray(prepared.plan, store, dev, reporter, address=address,
+                              plugin_files=prepared.resolved.plugin_files)
     elif workers > 1:
-        summary = execute_parallel(prepared.plan, store, dev, workers, reporter)
+        summary = execute_parallel(prepared.plan, store, dev, workers, reporter,
+                                   plugin_files=prepared.resolved.plugin_files)
     else:
         summary = execute(prepared.plan, store, dev, reporter, ctx=ctx)
     report_path = write_report(store, Path(reports_dir) / f"{prepared.resolved.name}.md")

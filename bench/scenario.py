@@ -176,6 +176,7 @@ class ResolvedScenario(BaseModel):
     attacks: list[dict[str, Any]]
     quant: list[dict[str, Any]]
     defenses: list[dict[str, Any]] = Field(default_factory=list)
+    plugin_files: list[str] = Field(default_factory=list)  # absolute paths of the plugin files it loaded
 
     @property
     def name(self) -> str:
@@ -283,7 +284,7 @@ def resolve(
     try:
         from bench.plugins import load_plugins
 
-        load_plugins([*scenario.plugins, *(extra_plugins or [])], base_dir=base_dir, source=source)
+        plugin_files = load_plugins([*scenario.plugins, *(extra_plugins or [])], base_dir=base_dir, source=source)
         train = _resolve_train(scenario.train)
         models = _resolve_components("model", "models", scenario.models)
         datasets = _resolve_components("dataset", "datasets", scenario.datasets)
@@ -295,7 +296,7 @@ def resolve(
         raise
     return ResolvedScenario(
         scenario=scenario, source=source, train=train, models=models, datasets=datasets, attacks=attacks,
-        quant=scenario.quantization.configs(), defenses=defenses,
+        quant=scenario.quantization.configs(), defenses=defenses, plugin_files=[str(p) for p in plugin_files],
     )
 
 

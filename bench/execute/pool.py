@@ -16,11 +16,13 @@ import os
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.errors import BenchError
 from bench.execute.local import ExecutionSummary, Reporter, SilentReporter, record_job
 from bench.execute.schedule import DependencyTracker
 from bench.plan import Job, Plan
@@ -65,8 +67,6 @@ def _run_in_worker(job: Job) -> float:
 def execute_parallel(plan: Plan, store: Store, device: torch.device, workers: int,
                      reporter: Reporter | None = None, plugin_files: list[str] | None = None) -> ExecutionSummary:
     """Run every job of ``plan`` not yet in ``store`` on ``workers`` processes, in dependency order."""
-    from bench.plugins import loaded_plugin_files
-
     reporter = reporter or SilentReporter()
     pending = plan.pending(store.done_ids())
     summary = ExecutionSummary(skipped=len(plan.jobs) - len(pending))
@@ -81,8 +81,8 @@ def execute_parallel(plan: Plan, store: Store, device: torch.device, workers: in
     devices = spawn.Queue()  # each worker takes one device name as it starts
     for name in worker_devices(device, workers):
         devices.put(name)
-    threads = max(1, (os.cpu_count() or 1) // workers) if device.type == "cpu" else 1
-    files = plugin_files if plugin_files is not None else [str(p) for p in loaded_plugin_files()]
+    threads = max(1, len(os.sched_getaffinity(0)) // workers) if device.type == "cpu" else 1
+    files = list(plugin_files or [])
     running: dict[Future[float], Job] = {}
     with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_start_worker,
                              initargs=(str(store.root), devices, threads, files)) as pool:
@@ -95,13 +95,20 @@ def execute_parallel(plan: Plan, store: Store, device: torch.device, workers: in
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
                     job = running.pop(future)
-                    seconds = future.result()  # a failed job stops the run; what finished stays stored
+                    try:
+                        seconds = future.result()  # a failed job stops the run; what finished stays stored
+                    except BrokenProcessPool:
+                        raise BenchError(
+                            f"job {job.id} ({job.kind}): its worker process died (out of memory, killed, or "
+                            "failed to start); finished jobs are stored, `bench run` resumes"
+                        ) from None
                     summary.ran.append(job.id)
                     reporter.job_finished(job, seconds)
                     ready.extend(tracker.finished(job.id))
         except BaseException:
-            for future in running:
-                future.cancel()
+            # stop now: jobs in flight are lost (the next run redoes them), not waited for
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
             pool.shutdown(wait=False, cancel_futures=True)
             raise
     summary.seconds = time.perf_counter() - start

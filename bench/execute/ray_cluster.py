@@ -27,7 +27,8 @@ from bench.jobs import JobContext, JobOutput, run_job
 from bench.plan import Job, Plan
 from bench.store import JobRecord, Store
 
-#: Per worker process: one job context (loaded data sets) per run directory and device, reused by tasks.
+#: Per worker process: one job context (loaded data sets) per run directory and device, reused by the CPU
+#: tasks a worker runs (Ray gives each GPU task a fresh worker process, so those load their data anew).
 _CONTEXTS: dict[tuple[str, str], JobContext] = {}
 
 
@@ -84,8 +85,6 @@ def execute_ray(plan: Plan, store: Store, device: torch.device, reporter: Report
         import ray
     except ImportError:
         raise BenchError("--executor ray needs Ray: pip install 'pmoe-bench[ray]'") from None
-    from bench.plugins import loaded_plugin_files
-
     reporter = reporter or SilentReporter()
     pending = plan.pending(store.done_ids())
     summary = ExecutionSummary(skipped=len(plan.jobs) - len(pending))
@@ -94,7 +93,7 @@ def execute_ray(plan: Plan, store: Store, device: torch.device, reporter: Report
     if not pending:
         return summary
     gpus = gpus_per_job if gpus_per_job is not None else (1.0 if device.type == "cuda" else 0.0)
-    files = plugin_files if plugin_files is not None else [str(p) for p in loaded_plugin_files()]
+    files = list(plugin_files or [])
     started_here = not ray.is_initialized()
     if started_here:
         try:
@@ -131,8 +130,9 @@ def _drive(ray: Any, task: Any, root: str, pending: list[Job], store: Store, rep
             job = running.pop(ref)
             try:
                 result = ray.get(ref)
-            except ray.exceptions.RayTaskError as exc:
-                raise BenchError(f"job {job.id} ({job.kind}) failed on the cluster: {exc.cause!r}") from None
+            except ray.exceptions.RayError as exc:  # the job raised, or its worker or node died
+                cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
+                raise BenchError(f"job {job.id} ({job.kind}) failed on the cluster: {cause!r}") from None
             store.record(job.id, job.kind, job.spec, list(job.deps), result["metrics"], result["seconds"],
                          result["device"], result["artifact"])
             summary.ran.append(job.id)

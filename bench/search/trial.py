@@ -72,7 +72,7 @@ class TrialRunner:
             trial.set_user_attr("invalid", str(exc))
             raise optuna.TrialPruned(f"invalid combination of values: {exc}") from None
         plan = build(resolved)
-        cells = _attacked_cells(plan, prep.target)
+        cells = _attacked_cells(plan, prep.target, prep.asleep)
         trial.set_user_attr("scenario_params", {p.target: values[p.name] for p in prep.params})
         trial.set_user_attr("jobs", {
             "train": cells["fp32"].train_job, "eval_fp32": cells["fp32"].eval_job,
@@ -203,8 +203,14 @@ def collect(plan: Plan, store: Store, target: str | None, asleep: tuple[str, ...
         if "not_applicable" in at:
             raise BenchError(f"{plan.name}: search.target_quant: {target}: {at['not_applicable']}")
         asr_q, ba_q = at["asr"], at["ba"]
-    asleep_asrs = [records[cells[label].eval_job].metrics.get("asr") for label in asleep]
-    asr_asleep = max((a for a in asleep_asrs if a is not None), default=None)
+    asleep_asrs = []
+    for label in asleep:
+        metrics = records[cells[label].eval_job].metrics
+        if "asr" not in metrics:
+            why = metrics.get("not_applicable", "no ASR stored")
+            raise BenchError(f"{plan.name}: search.asleep_quant: {label}: {why}")
+        asleep_asrs.append(metrics["asr"])
+    asr_asleep = max(asleep_asrs, default=None)
     return TrialMetrics(ba=attacked["ba"], asr=attacked["asr"], ba_clean=clean["ba"], asr_q=asr_q, ba_q=ba_q,
                         asr_asleep=asr_asleep)
 
