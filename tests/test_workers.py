@@ -91,7 +91,8 @@ def test_unknown_executor_and_stray_address_exit_2(write_scenario, tmp_path):
 
     path = write_scenario(_scenario("bad"))
     for extra, message in ((["--executor", "slurm"], "--executor: must be local or ray"),
-                           (["--address", "auto"], "--address: only --executor ray")):
+                           (["--address", "auto"], "--address: only --executor ray"),
+                           (["--executor", "ray", "--workers", "2"], "--workers: the Ray executor")):
         result = CliRunner().invoke(app, ["run", str(path), "--runs-dir", str(tmp_path / "runs"), *extra])
         assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "runs" / "bad").exists()
