@@ -115,8 +115,10 @@ def _trial_line(trial: FrozenTrial) -> str:
     values = ", ".join(f"{v:.3f}" for v in trial.values or [])
     ok = "" if all(v <= 0 for v in trial.constraints.values()) else " (violates a constraint)"
     reused = " (all jobs reused)" if trial.user_attrs.get("ran_jobs") == 0 else ""
+    worst_drop = m.get("worst_ba_drop")
+    worst = f" (worst {_points(worst_drop)})" if worst_drop is not None and worst_drop != m.get("ba_drop") else ""
     return (f"{head} value {values}{ok}; ASR fp32 {_pct(m.get('asr'))}, ASR@target {_pct(m.get('asr_q'))}, "
-            f"BA drop {_points(m.get('ba_drop'))}{reused}")
+            f"BA drop {_points(m.get('ba_drop'))}{worst}{reused}")
 
 
 def _best_line(front: list[FrozenTrial], objectives: int) -> str:

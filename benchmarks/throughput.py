@@ -1,7 +1,8 @@
 """Training throughput (images/s) of the paper-size and the small pMoE at batch 128 on this device,
 with the share of the device's measured dense matmul peak, and peak memory.
 
-    python benchmarks/throughput.py [--device cpu] [--steps 20] [--precision fp32|bf16] [--channels-last] [--loop]
+    python benchmarks/throughput.py [--device cpu] [--steps 20] [--precision fp32|bf16] [--channels-last] [--compile]
+        [--loop]
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def train_step_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
 
 
 def measure(name: str, params: dict, shape: tuple[int, int, int], device: torch.device, steps: int,
-            precision: str, channels_last: bool) -> dict[str, float]:
+            precision: str, channels_last: bool, compile_model: bool = False) -> dict[str, float]:
     torch.manual_seed(0)
     model = REGISTRY.get("model", name).create(
         input_shape=shape, num_classes=10, mean=(0.5,) * shape[0], std=(0.25,) * shape[0], **params
@@ -62,13 +63,15 @@ def measure(name: str, params: dict, shape: tuple[int, int, int], device: torch.
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     flops = train_step_flops(model, x)
+    step_model = torch.compile(model) if compile_model else model  # as bench.train.fit does
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    for i in range(steps + 3):
-        if i == 3:
+    warmup = 3
+    for i in range(steps + warmup):  # the warm-up steps include torch.compile's compilation
+        if i == warmup:
             _sync(device)
             start = time.perf_counter()
         with autocast:
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(step_model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -110,6 +113,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (the train setting)")
+    parser.add_argument("--only", choices=["paper", "small"], help="measure one of the two models")
     parser.add_argument("--loop", action="store_true", help="also time the real training loop (bench.train.fit)")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -119,12 +124,14 @@ def main() -> None:
         ("pmoe-paper", {}, (3, 32, 32)),
         ("pmoe (quickstart)", {"width": 1, "experts": 4, "topk": 4}, (1, 16, 16)),
     ]
+    if args.only:
+        cases = cases[:1] if args.only == "paper" else cases[1:]
     for label, params, shape in cases:
         name = label.split()[0]
-        r = measure(name, params, shape, device, args.steps, args.precision, args.channels_last)
+        r = measure(name, params, shape, device, args.steps, args.precision, args.channels_last, args.compile)
         print(f"{label:20s} batch 128 {shape}: {r['images_per_s']:8.1f} images/s, {r['step_ms']:7.1f} ms/step, "
               f"{r['flops_per_s'] / peak:6.1%} of matmul peak")
-    for label, params, shape in cases[:1] if args.loop else []:
+    for label, params, shape in [c for c in cases if c[0] == "pmoe-paper"] if args.loop else []:
         r = loop_overhead(label.split()[0], params, shape, device, args.steps, "crop_flip")
         print(f"{label:20s} training loop: {r['loop_ms']:7.1f} ms/step vs {r['bare_ms']:7.1f} bare: "
               f"{r['overhead']:5.1%} of a step outside forward/backward/optimizer")

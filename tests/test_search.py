@@ -108,6 +108,16 @@ def test_objective_values_and_constraints() -> None:
     assert probe_value("asr", asr_fp32=0.4, asr_q=None, tau=0.1) == 0.4
 
 
+def test_epsilon_at_all_bounds_the_worst_ba_over_every_evaluation() -> None:
+    m = TrialMetrics(ba=0.92, asr=0.01, ba_clean=0.93, asr_q=0.99, ba_q=0.90, asr_asleep=0.01, ba_asleep=0.915)
+    assert m.worst_ba_drop == pytest.approx(0.03)  # the int4 BA is the lowest
+    assert constraints("dormant", m, 0.02, 0.02)["ba_drop_over_epsilon"] == pytest.approx(-0.01)  # fp32 only
+    assert constraints("dormant", m, 0.02, 0.02, "all")["ba_drop_over_epsilon"] == pytest.approx(0.01)
+    lowest_asleep = TrialMetrics(ba=0.92, asr=0.01, ba_clean=0.93, asr_q=0.99, ba_q=0.92, ba_asleep=0.88)
+    assert lowest_asleep.worst_ba_drop == pytest.approx(0.05)
+    assert TrialMetrics(ba=0.92, asr=0.01, ba_clean=0.93).worst_ba_drop == pytest.approx(0.01)  # fp32 alone
+
+
 def test_paths_resolve_strength_to_each_triggers_parameter() -> None:
     raw = tiny_scenario(attacks=[{"name": "badnets", "target": 0}, {"name": "blend", "target": 0},
                                  {"name": "wanet", "target": 0}])
@@ -182,6 +192,9 @@ BAD_BLOCKS = [
     ({"asleep_quant": ["int8/whole"], "params": [RANGE]}, "search.asleep_quant[0]: 'int8/whole' is the target"),
     ({"objective": "asr", "asleep_quant": ["int8/whole"], "params": [RANGE]},
      "search.asleep_quant: only objective: dormant"),
+    ({"objective": "asr", "epsilon_at": "all", "params": [RANGE]},
+     "search.epsilon_at: 'all' bounds the BA at the quantized evaluations of objective: dormant"),
+    ({"epsilon_at": "int4", "params": [RANGE]}, "search.epsilon_at: Input should be 'fp32' or 'all'"),
 ]
 
 
@@ -377,3 +390,22 @@ def test_asleep_quant_constrains_the_asr_at_each_named_evaluation(write_scenario
     assert trial.constraints["asleep_asr_over_tau"] == pytest.approx(int8[0] - 0.5)
     assert trial.user_attrs["metrics"]["asr_asleep"] == pytest.approx(int8[0])
     assert "int8/whole ASR <= 50%" in outcome.report_path.read_text()
+
+
+def test_epsilon_at_all_constrains_the_lowest_stored_ba(write_scenario, tmp_path: Path) -> None:
+    raw = search_scenario(objective="dormant", target_quant="int4/whole", asleep_quant=["int8/whole"], tau=1.0,
+                          epsilon=0.0, epsilon_at="all", n_trials=1, params=[STRENGTH_01],
+                          enqueue=[{"attacks.0.strength": 1.0}])
+    raw["quantization"] = {"bits": ["fp32", 8, 4]}
+    outcome = run_search(write_scenario(raw), runs_dir=tmp_path / "runs", reports_dir=tmp_path / "reports")
+    (trial,) = study_of(tmp_path / "runs").get_trials()
+    records = Store(tmp_path / "runs" / "tiny").records().values()
+    evals = [r for r in records if r.kind == "evaluate"]
+    clean = next(r.metrics["ba"] for r in evals if not r.spec["attack"] and not (r.spec["quant"] or {}).get("bits"))
+    attacked = [r.metrics["ba"] for r in evals if r.spec["attack"]]
+    assert len(attacked) == 3  # fp32, int8, int4
+    assert trial.constraints["ba_drop_over_epsilon"] == pytest.approx(clean - min(attacked))
+    assert trial.user_attrs["metrics"]["worst_ba_drop"] == pytest.approx(clean - min(attacked))
+    report = outcome.report_path.read_text()
+    assert "BA drop (at fp32, int4/whole, int8/whole) <= 0 points" in report
+    assert "worst BA drop" in report

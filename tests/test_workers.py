@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from bench import runner
+from bench.errors import BenchError
+from bench.execute.local import SilentReporter
 from bench.execute.pool import worker_devices
+from bench.execute.ray_cluster import in_flight_limit
+from bench.plan import Job
 from bench.store import Store
 from tests.conftest import tiny_scenario
 
@@ -60,16 +64,41 @@ def test_each_worker_gets_a_device():
     assert worker_devices(torch.device("cuda:1"), 2) == ["cuda:1", "cuda:1"]
 
 
+class InFlight(SilentReporter):
+    """Counts the jobs submitted and not yet finished: the most there ever were."""
+
+    def __init__(self) -> None:
+        self.now = self.most = 0
+
+    def job_started(self, job: Job) -> None:
+        self.now += 1
+        self.most = max(self.most, self.now)
+
+    def job_finished(self, job: Job, seconds: float) -> None:
+        self.now -= 1
+
+
+def test_ray_keeps_twice_the_clusters_slots_in_flight():
+    assert in_flight_limit({"CPU": 8.0}, cpus_per_job=1.0, gpus_per_job=0.0) == 16
+    assert in_flight_limit({"CPU": 8.0, "GPU": 2.0}, cpus_per_job=1.0, gpus_per_job=1.0) == 4
+    assert in_flight_limit({"CPU": 8.0, "GPU": 2.0}, cpus_per_job=1.0, gpus_per_job=0.5) == 8
+    assert in_flight_limit({"CPU": 0.5}, cpus_per_job=1.0, gpus_per_job=0.0) == 1
+    with pytest.raises(BenchError, match="the Ray cluster has no GPU"):
+        in_flight_limit({"CPU": 8.0}, cpus_per_job=1.0, gpus_per_job=1.0)
+
+
 @pytest.mark.slow
 def test_a_local_ray_cluster_runs_and_resumes_the_plan(write_scenario, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")  # no network calls from the test cluster
     one = runner.run(write_scenario(_scenario("one"), "one.yaml"), tmp_path / "runs", tmp_path / "reports")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # a real local cluster
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)  # a real local cluster, one slot
+    in_flight = InFlight()
     try:
         on_ray = runner.run(write_scenario(_scenario("ray"), "ray.yaml"), tmp_path / "runs",
-                            tmp_path / "reports", executor="ray")
+                            tmp_path / "reports", executor="ray", reporter=in_flight)
         assert sorted(on_ray.summary.ran) == sorted(one.summary.ran)
+        assert in_flight.most == 2  # twice the cluster's one slot, never every ready job at once
         records = Store(tmp_path / "runs" / "ray").records()
         assert all(r.device == "cpu" for r in records.values())
         assert all((tmp_path / "runs" / "ray" / r.artifact).is_file() for r in records.values() if r.artifact)

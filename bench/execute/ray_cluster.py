@@ -15,6 +15,7 @@ needs pmoe-bench installed (and the plugins' files at the same paths).
 from __future__ import annotations
 
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,8 @@ def execute_ray(plan: Plan, store: Store, device: torch.device, reporter: Report
     task = ray.remote(num_cpus=cpus_per_job, num_gpus=gpus, max_retries=0)(_run_task)
     root = str(store.root.resolve())
     try:
-        _drive(ray, task, root, pending, store, reporter, summary, files)
+        window = in_flight_limit(ray.cluster_resources(), cpus_per_job, gpus)
+        _drive(ray, task, root, pending, store, reporter, summary, files, window)
     finally:
         if started_here:
             ray.shutdown()
@@ -111,19 +113,37 @@ def execute_ray(plan: Plan, store: Store, device: torch.device, reporter: Report
     return summary
 
 
+def in_flight_limit(resources: dict[str, float], cpus_per_job: float, gpus_per_job: float) -> int:
+    """How many tasks the driver keeps submitted at once: twice as many as the cluster can run together
+    (so a node that finishes finds its next task already queued), never the whole plan (a 100k-job plan
+    would otherwise sit in Ray's scheduler and object store at once)."""
+    slots = resources.get("CPU", 0.0) / cpus_per_job if cpus_per_job > 0 else float("inf")
+    if gpus_per_job > 0:
+        gpu_total = resources.get("GPU", 0.0)
+        if gpu_total <= 0:
+            raise BenchError("the Ray cluster has no GPU, but the jobs ask for one (device cuda); "
+                             "run with --device cpu or on a cluster with GPU nodes")
+        slots = min(slots, gpu_total / gpus_per_job)
+    if slots == float("inf"):
+        slots = 1.0
+    return max(1, int(2 * slots))
+
+
 def _drive(ray: Any, task: Any, root: str, pending: list[Job], store: Store, reporter: Reporter,
-           summary: ExecutionSummary, files: list[str]) -> None:
-    """Submit each job once its inputs are recorded; record each as it finishes."""
+           summary: ExecutionSummary, files: list[str], window: int) -> None:
+    """Submit jobs whose inputs are recorded, at most ``window`` at a time; record each as it finishes."""
     tracker = DependencyTracker(pending)
     running: dict[Any, Job] = {}
+    ready: deque[Job] = deque(tracker.initial)
 
-    def submit(job: Job) -> None:
-        inputs = store.records(list(job.deps))
-        reporter.job_started(job)
-        running[task.remote(root, job, inputs, files)] = job
+    def submit_ready() -> None:
+        while ready and len(running) < window:
+            job = ready.popleft()
+            inputs = store.records(list(job.deps))
+            reporter.job_started(job)
+            running[task.remote(root, job, inputs, files)] = job
 
-    for job in tracker.initial:
-        submit(job)
+    submit_ready()
     try:
         while running:
             (ref,), _ = ray.wait(list(running), num_returns=1)
@@ -137,8 +157,8 @@ def _drive(ray: Any, task: Any, root: str, pending: list[Job], store: Store, rep
                          result["device"], result["artifact"])
             summary.ran.append(job.id)
             reporter.job_finished(job, result["seconds"])
-            for child in tracker.finished(job.id):
-                submit(child)
+            ready.extend(tracker.finished(job.id))
+            submit_ready()
     except BaseException:
         for ref in running:
             ray.cancel(ref, force=True)

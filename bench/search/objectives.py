@@ -3,7 +3,9 @@
 * ``dormant``: maximise ASR at the target quantization (``target_quant``, B_t) subject to two declared
   constraints: fp32 ASR <= tau (the backdoor sleeps at full precision) and BA drop <= epsilon (the fp32
   model looks clean); with ``asleep_quant``, also ASR <= tau at each of those quantized evaluations (the
-  backdoor sleeps at 8 and 6 bits too and wakes only at B_t). Constraints go to Optuna as constraint
+  backdoor sleeps at 8 and 6 bits too and wakes only at B_t); with ``epsilon_at: all``, the BA drop is
+  the worst over fp32, B_t and every ``asleep_quant`` evaluation (the model looks clean at every bit-width,
+  the quantization issue's bar), not the fp32 one alone. Constraints go to Optuna as constraint
   values (<= 0 is feasible; ``Trial.set_constraint``), which TPE and NSGA-II use when sampling and
   ``Study.best_trial`` honours; the value itself is not penalised.
 * ``multi``: three objectives, ASR at B_t (up), fp32 ASR (down), BA drop (down); the Pareto front is the
@@ -40,14 +42,21 @@ class TrialMetrics:
     asr_q: float | None = None
     ba_q: float | None = None
     asr_asleep: float | None = None  # the highest ASR over search.asleep_quant (None: none declared)
+    ba_asleep: float | None = None  # the lowest BA over search.asleep_quant (None: none declared)
 
     @property
     def ba_drop(self) -> float:
         """CAD: the clean baseline's fp32 BA minus the attacked model's."""
         return self.ba_clean - self.ba
 
+    @property
+    def worst_ba_drop(self) -> float:
+        """The clean baseline's fp32 BA minus the lowest BA of the attacked model at fp32, the target and
+        every ``asleep_quant`` evaluation."""
+        return self.ba_clean - min(b for b in (self.ba, self.ba_q, self.ba_asleep) if b is not None)
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ba_drop": self.ba_drop}
+        return {**asdict(self), "ba_drop": self.ba_drop, "worst_ba_drop": self.worst_ba_drop}
 
 
 def value_names(objective: str, target: str | None) -> list[str]:
@@ -67,10 +76,14 @@ def objective_values(objective: str, m: TrialMetrics) -> list[float]:
     return [m.asr_q, m.asr, m.ba_drop]
 
 
-def constraints(objective: str, m: TrialMetrics, tau: float, epsilon: float) -> dict[str, float]:
-    """Constraint values by name (<= 0 is feasible); ``multi`` declares none."""
+def constraints(
+    objective: str, m: TrialMetrics, tau: float, epsilon: float, epsilon_at: str = "fp32"
+) -> dict[str, float]:
+    """Constraint values by name (<= 0 is feasible); ``multi`` declares none. ``epsilon_at`` (dormant):
+    ``fp32`` bounds the fp32 BA drop, ``all`` the worst one (:attr:`TrialMetrics.worst_ba_drop`)."""
     if objective == "dormant":
-        declared = {"fp32_asr_over_tau": m.asr - tau, "ba_drop_over_epsilon": m.ba_drop - epsilon}
+        drop = m.worst_ba_drop if epsilon_at == "all" else m.ba_drop
+        declared = {"fp32_asr_over_tau": m.asr - tau, "ba_drop_over_epsilon": drop - epsilon}
         if m.asr_asleep is not None:
             declared["asleep_asr_over_tau"] = m.asr_asleep - tau
         return declared

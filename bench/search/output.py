@@ -37,7 +37,8 @@ def trial_metrics(trial: FrozenTrial) -> TrialMetrics | None:
     m = trial.user_attrs.get("metrics")
     if not m:
         return None
-    return TrialMetrics(m["ba"], m["asr"], m["ba_clean"], m.get("asr_q"), m.get("ba_q"), m.get("asr_asleep"))
+    return TrialMetrics(m["ba"], m["asr"], m["ba_clean"], m.get("asr_q"), m.get("ba_q"), m.get("asr_asleep"),
+                        m.get("ba_asleep"))
 
 
 def feasible(trial: FrozenTrial) -> bool:
@@ -108,27 +109,36 @@ def objective_line(prepared: PreparedSearch) -> str:
     s, t = prepared.spec, prepared.target
     if s.objective == "dormant":
         asleep = "".join(f", {label} ASR" for label in prepared.asleep)
-        return (f"dormant: maximise ASR@{t} subject to fp32 ASR{asleep} <= {s.tau * 100:g}% and BA drop <= "
-                f"{s.epsilon * 100:g} points (Optuna constraints; the best trial is the best feasible one)")
+        where = "fp32" if s.epsilon_at == "fp32" else ", ".join(["fp32", str(t), *prepared.asleep])
+        return (f"dormant: maximise ASR@{t} subject to fp32 ASR{asleep} <= {s.tau * 100:g}% and BA drop "
+                f"(at {where}) <= {s.epsilon * 100:g} points (Optuna constraints; the best trial is the best "
+                f"feasible one)")
     if s.objective == "multi":
         return f"multi: maximise ASR@{t}, minimise fp32 ASR, minimise BA drop (Pareto front)"
     return f"asr: maximise fp32 ASR subject to BA drop <= {s.epsilon * 100:g} points (Optuna constraint)"
+
+
+def _worst_shown(prepared: PreparedSearch) -> bool:
+    """Whether the tables carry the worst BA drop over every evaluation (``epsilon_at: all``)."""
+    return prepared.spec.epsilon_at == "all"
 
 
 def _trial_row(prepared: PreparedSearch, trial: FrozenTrial) -> list[Any]:
     m = trial_metrics(trial)
     params = [_num(trial.params.get(p.name, "-")) for p in prepared.params]
     at = [] if prepared.target is None else [_pct(m.asr_q) if m else "-"]
+    worst_blank = ["-"] if _worst_shown(prepared) else []
     if m is None:
         last = max(trial.intermediate_values) if trial.intermediate_values else None
         note = f"stopped at epoch {last} ({trial.intermediate_values[last]:.3f})" if last is not None else ""
         if "invalid" in trial.user_attrs:
             note = "invalid combination of values"
-        return [trial.number, trial.state.name.lower(), *params, *at, "-", "-", "-", "-", note]
+        return [trial.number, trial.state.name.lower(), *params, *at, "-", "-", "-", *worst_blank, "-", note]
     flag = "yes" if feasible(trial) else "no"
     ran = trial.user_attrs.get("ran_jobs", "-")
+    worst = [_pct(m.worst_ba_drop)] if worst_blank else []
     return [trial.number, trial.state.name.lower(), *params, *at, _pct(m.asr), _pct(m.ba), _pct(m.ba_drop),
-            flag, f"{ran} jobs run"]
+            *worst, flag, f"{ran} jobs run"]
 
 
 def to_markdown(prepared: PreparedSearch, study: optuna.Study, storage: str, best: Best,
@@ -162,8 +172,9 @@ def to_markdown(prepared: PreparedSearch, study: optuna.Study, storage: str, bes
         lines += [f"None: {why}.", ""]
     else:
         at = [f"ASR@{prepared.target}"] if prepared.target else []
+        worst = ["worst BA drop"] if _worst_shown(prepared) else []
         headers = ["#", *[p.name for p in prepared.params], *at, "ASR fp32", "BA", "BA clean", "BA drop",
-                   *([f"BA@{prepared.target}"] if prepared.target else [])]
+                   *([f"BA@{prepared.target}"] if prepared.target else []), *worst]
         rows = []
         for t in best.front:
             m = trial_metrics(t)
@@ -171,15 +182,19 @@ def to_markdown(prepared: PreparedSearch, study: optuna.Study, storage: str, bes
                 continue
             rows.append([t.number, *[_num(t.params.get(p.name)) for p in prepared.params],
                          *([_pct(m.asr_q)] if prepared.target else []), _pct(m.asr), _pct(m.ba),
-                         _pct(m.ba_clean), _pct(m.ba_drop), *([_pct(m.ba_q)] if prepared.target else [])])
+                         _pct(m.ba_clean), _pct(m.ba_drop), *([_pct(m.ba_q)] if prepared.target else []),
+                         *([_pct(m.worst_ba_drop)] if worst else [])])
         lines += [tabulate(rows, headers=headers, tablefmt="github"), "",
-                  "Rates in percent; BA drop in points against the clean baseline (same model, data, seed).",
+                  "Rates in percent; BA drop in points against the clean baseline's fp32 BA (same model, data, "
+                  "seed)" + ("; worst BA drop: from the lowest BA over fp32 and the quantized evaluations the "
+                             "search names." if worst else "."),
                   ""]
         if best_yaml is not None and best.chosen is not None:
             lines += [f"`{best_yaml}` holds trial {best.chosen.number}: `bench run {best_yaml}`.", ""]
     at = [f"ASR@{prepared.target}"] if prepared.target else []
-    headers = ["#", "state", *[p.name for p in prepared.params], *at, "ASR fp32", "BA", "BA drop", "feasible",
-               "note"]
+    worst = ["worst BA drop"] if _worst_shown(prepared) else []
+    headers = ["#", "state", *[p.name for p in prepared.params], *at, "ASR fp32", "BA", "BA drop", *worst,
+               "feasible", "note"]
     lines += ["## All trials", "", tabulate([_trial_row(prepared, t) for t in trials], headers=headers,
                                             tablefmt="github"), ""]
     return "\n".join(lines)

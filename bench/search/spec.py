@@ -9,6 +9,7 @@ attack and poison rate; the first seed) with Optuna::
       tau: 0.1                    # dormant: fp32 ASR must stay <= tau
       asleep_quant: [int8/whole]  # dormant: ... and so must the ASR at these quantized evaluations
       epsilon: 0.02               # dormant, asr: BA drop vs the clean baseline must stay <= epsilon
+      epsilon_at: fp32            # dormant: fp32 (the fp32 BA) | all (fp32, target and asleep_quant BAs)
       n_trials: 20                # total finished trials the study aims at (and/or timeout: seconds)
       sampler: tpe                # tpe | nsga2 | random, seeded with seed
       pruner: median              # median | none | {name: median, startup_trials: 2, warmup_epochs: 1}
@@ -107,6 +108,7 @@ class SearchSpec(_Strict):
     tau: float = Field(0.1, ge=0, le=1)  # dormant: highest fp32 ASR allowed
     asleep_quant: list[str] = Field(default_factory=list)  # dormant: labels whose ASR must also stay <= tau
     epsilon: float = Field(0.02, ge=0, le=1)  # dormant, asr: highest BA drop allowed
+    epsilon_at: Literal["fp32", "all"] = "fp32"  # dormant: whose BA epsilon bounds (all: every evaluation)
     n_trials: int | None = Field(None, ge=1)  # finished trials the study aims at, over all sessions
     timeout: float | None = Field(None, gt=0)  # seconds after which a session starts no new trial
     sampler: SamplerName = "tpe"
@@ -128,6 +130,11 @@ class SearchSpec(_Strict):
             raise ValueError(
                 "pruner: Optuna cannot prune a multi-objective trial (three values, no single intermediate "
                 "value); use pruner: none with objective: multi"
+            )
+        if self.epsilon_at == "all" and self.objective != "dormant":
+            raise ValueError(
+                f"epsilon_at: 'all' bounds the BA at the quantized evaluations of objective: dormant; "
+                f"objective {self.objective} has none (use epsilon_at: fp32)"
             )
         return self
 

@@ -149,6 +149,7 @@ def fingerprint(base: dict[str, Any], spec: SearchSpec, target: str | None) -> d
         "tau": spec.tau if spec.objective == "dormant" else None,
         **({"asleep_quant": sorted(spec.asleep_quant)} if spec.asleep_quant else {}),  # old studies stay valid
         "epsilon": spec.epsilon if spec.objective != "multi" else None,
+        **({"epsilon_at": spec.epsilon_at} if spec.epsilon_at != "fp32" else {}),  # old studies stay valid
         "paths": sorted(p.path for p in spec.params),
     }
     digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -92,7 +92,7 @@ class TrialRunner:
         trial.set_user_attr("reused_jobs", summary.skipped)
         trial.set_user_attr("seconds", summary.seconds)
         spec = prep.spec
-        for name, value in constraints(spec.objective, metrics, spec.tau, spec.epsilon).items():
+        for name, value in constraints(spec.objective, metrics, spec.tau, spec.epsilon, spec.epsilon_at).items():
             trial.set_constraint(name, value)
         out = objective_values(spec.objective, metrics)
         return out[0] if single else out
@@ -203,16 +203,16 @@ def collect(plan: Plan, store: Store, target: str | None, asleep: tuple[str, ...
         if "not_applicable" in at:
             raise BenchError(f"{plan.name}: search.target_quant: {target}: {at['not_applicable']}")
         asr_q, ba_q = at["asr"], at["ba"]
-    asleep_asrs = []
+    asleep_asrs, asleep_bas = [], []
     for label in asleep:
         metrics = records[cells[label].eval_job].metrics
         if "asr" not in metrics:
             why = metrics.get("not_applicable", "no ASR stored")
             raise BenchError(f"{plan.name}: search.asleep_quant: {label}: {why}")
         asleep_asrs.append(metrics["asr"])
-    asr_asleep = max(asleep_asrs, default=None)
+        asleep_bas.append(metrics["ba"])
     return TrialMetrics(ba=attacked["ba"], asr=attacked["asr"], ba_clean=clean["ba"], asr_q=asr_q, ba_q=ba_q,
-                        asr_asleep=asr_asleep)
+                        asr_asleep=max(asleep_asrs, default=None), ba_asleep=min(asleep_bas, default=None))
 
 
 def param_assignment(prepared: PreparedSearch, params: dict[str, Any]) -> dict[str, Any]:
