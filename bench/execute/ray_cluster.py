@@ -5,7 +5,9 @@ when the scenario's device is CUDA). Tasks read their inputs' model weights from
 the run directory's ``artifacts/``, so ``--runs-dir`` must be on storage every node can reach (a shared
 file system or a mounted bucket). Only this process, the driver, writes the SQLite results store: a task
 returns its metrics and the driver records the row as soon as it finishes, so resume works exactly as for
-local runs (a job is done when its row exists; interrupting loses only the tasks in flight).
+local runs (a job is done when its row exists; interrupting loses only the tasks in flight). The driver
+keeps at most twice the cluster's slots submitted (:func:`in_flight_limit`), so neither Ray's scheduler
+nor the driver's ``ray.wait`` ever holds the whole plan.
 
 Without ``address`` a local Ray cluster is started for the run (and stopped after); ``address="auto"``
 joins the cluster this machine belongs to; ``ray://host:10001`` connects through Ray Client. Every node
