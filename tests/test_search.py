@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -116,6 +117,10 @@ def test_epsilon_at_all_bounds_the_worst_ba_over_every_evaluation() -> None:
     lowest_asleep = TrialMetrics(ba=0.92, asr=0.01, ba_clean=0.93, asr_q=0.99, ba_q=0.92, ba_asleep=0.88)
     assert lowest_asleep.worst_ba_drop == pytest.approx(0.05)
     assert TrialMetrics(ba=0.92, asr=0.01, ba_clean=0.93).worst_ba_drop == pytest.approx(0.01)  # fp32 alone
+    # a drop of exactly one point, from BAs stored as float32, is at the bound whichever way they rounded
+    at_bound = TrialMetrics(ba=float(np.float32(0.8903)), asr=0.0, ba_clean=float(np.float32(0.9003)))
+    assert at_bound.ba_drop - 0.01 > 0  # float32 rounding alone
+    assert constraints("dormant", at_bound, 0.02, 0.01)["ba_drop_over_epsilon"] == 0
 
 
 def test_paths_resolve_strength_to_each_triggers_parameter() -> None:
@@ -387,7 +392,7 @@ def test_asleep_quant_constrains_the_asr_at_each_named_evaluation(write_scenario
     int8 = [r.metrics["asr"] for r in records
             if r.kind == "evaluate" and r.spec["attack"] and (r.spec["quant"] or {}).get("label") == "int8/whole"]
     assert len(int8) == 1
-    assert trial.constraints["asleep_asr_over_tau"] == pytest.approx(int8[0] - 0.5)
+    assert trial.constraints["asleep_asr_over_tau"] == pytest.approx(int8[0] - 0.5, abs=1e-6)
     assert trial.user_attrs["metrics"]["asr_asleep"] == pytest.approx(int8[0])
     assert "int8/whole ASR <= 50%" in outcome.report_path.read_text()
 
@@ -404,7 +409,7 @@ def test_epsilon_at_all_constrains_the_lowest_stored_ba(write_scenario, tmp_path
     clean = next(r.metrics["ba"] for r in evals if not r.spec["attack"] and not (r.spec["quant"] or {}).get("bits"))
     attacked = [r.metrics["ba"] for r in evals if r.spec["attack"]]
     assert len(attacked) == 3  # fp32, int8, int4
-    assert trial.constraints["ba_drop_over_epsilon"] == pytest.approx(clean - min(attacked))
+    assert trial.constraints["ba_drop_over_epsilon"] == pytest.approx(clean - min(attacked), abs=1e-6)
     assert trial.user_attrs["metrics"]["worst_ba_drop"] == pytest.approx(clean - min(attacked))
     report = outcome.report_path.read_text()
     assert "BA drop (at fp32, int4/whole, int8/whole) <= 0 points" in report

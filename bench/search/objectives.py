@@ -86,10 +86,13 @@ def constraints(
         declared = {"fp32_asr_over_tau": m.asr - tau, "ba_drop_over_epsilon": drop - epsilon}
         if m.asr_asleep is not None:
             declared["asleep_asr_over_tau"] = m.asr_asleep - tau
-        return declared
-    if objective == "asr":
-        return {"ba_drop_over_epsilon": m.ba_drop - epsilon}
-    return {}
+    elif objective == "asr":
+        declared = {"ba_drop_over_epsilon": m.ba_drop - epsilon}
+    else:
+        return {}
+    # rates are stored as float32 shares of at most ~1e6 test images: a margin under 1e-6 is rounding, so a
+    # value exactly at its bound (a drop of exactly 1 point) is feasible whichever way float32 rounded it
+    return {name: round(value, 6) for name, value in declared.items()}
 
 
 def probe_value(objective: str, asr_fp32: float, asr_q: float | None, tau: float) -> float:
