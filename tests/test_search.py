@@ -200,6 +200,7 @@ BAD_BLOCKS = [
     ({"objective": "asr", "epsilon_at": "all", "params": [RANGE]},
      "search.epsilon_at: 'all' bounds the BA at the quantized evaluations of objective: dormant"),
     ({"epsilon_at": "int4", "params": [RANGE]}, "search.epsilon_at: Input should be 'fp32' or 'all'"),
+    ({"objective": "multi", "epsilon_at": "all", "params": [RANGE]}, "dormant only (multi has no constraints)"),
 ]
 
 

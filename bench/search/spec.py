@@ -132,9 +132,10 @@ class SearchSpec(_Strict):
                 "value); use pruner: none with objective: multi"
             )
         if self.epsilon_at == "all" and self.objective != "dormant":
+            why = "asr has no quantized evaluation to bound" if self.objective == "asr" else "multi has no constraints"
             raise ValueError(
-                f"epsilon_at: 'all' bounds the BA at the quantized evaluations of objective: dormant; "
-                f"objective {self.objective} has none (use epsilon_at: fp32)"
+                f"epsilon_at: 'all' bounds the BA at the quantized evaluations of objective: dormant only ({why}); "
+                f"use epsilon_at: fp32"
             )
         return self
 
