@@ -2,7 +2,7 @@
 with the share of the device's measured dense matmul peak, and peak memory.
 
     python benchmarks/throughput.py [--device cpu] [--steps 20] [--precision fp32|bf16] [--channels-last] [--compile]
-        [--loop]
+        [--only paper|small] [--loop]
 """
 
 from __future__ import annotations
