@@ -12,7 +12,7 @@ import io
 import json
 import math
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,6 +210,30 @@ def leaderboard(rows: list[Row]) -> list[dict[str, Any]]:
     return entries
 
 
+def provenance(records: dict[str, JobRecord]) -> list[dict[str, Any]]:
+    """Which code computed the stored jobs behind a report: one entry per (package version, git commit),
+    most jobs first. A commit ending in ``+dirty`` ran from a checkout with uncommitted changes."""
+    counts = Counter((r.version, r.git_commit) for r in records.values())
+    return [{"version": v, "git_commit": c, "jobs": n} for (v, c), n in counts.most_common()]
+
+
+def provenance_line(entries: list[dict[str, Any]]) -> str | None:
+    """One sentence on the code behind the results, a warning when it was not one clean commit."""
+    if not entries:
+        return None
+    if len(entries) == 1 and not entries[0]["git_commit"].endswith("+dirty"):
+        e = entries[0]
+        return f"All {e['jobs']} stored jobs behind these results ran on commit {e['git_commit'][:12]} " \
+               f"(pmoe-bench {e['version']})."
+    parts = ", ".join(f"{e['git_commit'][:12]}{'+dirty' if e['git_commit'].endswith('+dirty') else ''} "
+                      f"(pmoe-bench {e['version']}, {e['jobs']} job{'s' if e['jobs'] != 1 else ''})"
+                      for e in entries)
+    return (f"**Provenance: the stored jobs behind these results ran on {len(entries)} code state"
+            f"{'s' if len(entries) != 1 else ''}: {parts}.** A job is reused while its spec is unchanged, "
+            "even if the code that computed it has changed since (or had uncommitted changes, +dirty); "
+            "`bench run --fresh` recomputes every job with the current code.")
+
+
 def _pct(rate: float | None) -> str:
     return "-" if rate is None else f"{rate * 100:g}%"
 
@@ -228,6 +252,9 @@ def to_markdown(rows: list[Row], meta: dict[str, Any], pictures: list[str] | Non
         "expert's kept patches, clean vs the same image triggered (1 = unchanged)."
     )
     lines.append("")
+    origin = provenance_line(meta.get("provenance") or [])
+    if origin:
+        lines += [origin, ""]
     groups: dict[tuple[str, ...], list[Row]] = defaultdict(list)
     for row in rows:
         if row.quant == "fp32" and row.defense == "-":  # quantized and defended results: own tables below

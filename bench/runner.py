@@ -22,7 +22,7 @@ from bench.execute.local import ExecutionSummary, Reporter, execute
 from bench.execute.pool import execute_parallel
 from bench.execute.ray_cluster import execute_ray
 from bench.jobs import JobContext
-from bench.store import Store, git_commit, open_existing
+from bench.store import JobRecord, Store, git_commit, open_existing
 from bench.train import resolve_device
 
 
@@ -170,7 +170,19 @@ def report_rows(store: Store) -> tuple[list[reporting.Row], dict[str, Any]]:
         "store": str(store.root),
     }
     meta["detections"] = reporting.detections(defenses, records)
+    meta["provenance"] = reporting.provenance(_with_inputs(store, records))
     return reporting.aggregate(cells, records), meta
+
+
+def _with_inputs(store: Store, records: dict[str, JobRecord]) -> dict[str, JobRecord]:
+    """``records`` and, transitively, the stored jobs they were computed from (defenses, trainings)."""
+    out = dict(records)
+    wanted = {d for r in records.values() for d in r.deps} - out.keys()
+    while wanted:
+        found = store.records(sorted(wanted))
+        out.update(found)
+        wanted = {d for r in found.values() for d in r.deps} - out.keys()
+    return out
 
 
 def render(store: Store, fmt: str = "md", relative_to: Path | None = None) -> str:

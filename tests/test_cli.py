@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from bench import __version__
 from bench.cli import app
+from bench.store import Store
 from tests.conftest import tiny_scenario
 
 runner = CliRunner()
@@ -82,6 +84,22 @@ def test_report_formats(write_scenario, tmp_path):
     out = tmp_path / "r.md"
     assert invoke("report", run_dir, "--out", str(out)).exit_code == 0 and out.read_text().startswith("# pmoe-bench")
     assert invoke("report", run_dir, "--format", "xml").exit_code == 2
+
+
+def test_report_names_the_code_behind_its_results(write_scenario, tmp_path):
+    assert _run(write_scenario(tiny_scenario()), tmp_path).exit_code == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    n_jobs = len(Store(run_dir).records())
+    (one,) = json.loads(invoke("report", str(run_dir), "--format", "json").stdout)["meta"]["provenance"]
+    assert one["jobs"] == n_jobs and one["version"] == __version__
+    # a clean training reused from an older, uncommitted checkout: the report must say so
+    clean_train = next(r.id for r in Store(run_dir).records().values() if r.kind == "train" and not r.spec["attack"])
+    with sqlite3.connect(run_dir / "results.db") as conn:
+        conn.execute("UPDATE jobs SET git_commit = 'a1b2c3d4e5f6a7b8+dirty' WHERE id = ?", (clean_train,))
+    entries = json.loads(invoke("report", str(run_dir), "--format", "json").stdout)["meta"]["provenance"]
+    assert sorted(e["jobs"] for e in entries) == [1, n_jobs - 1]
+    text = " ".join(invoke("report", str(run_dir)).stdout.split())
+    assert "ran on 2 code states" in text and "a1b2c3d4e5f6+dirty (pmoe-bench" in text and "--fresh" in text
 
 
 @pytest.mark.parametrize(
