@@ -190,6 +190,24 @@ def report(
         typer.echo(text)
 
 
+@app.command("show-triggers")
+def show_triggers(
+    scenario: ScenarioArg,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for the PNGs (default: reports/<name>/, "
+                                                  "where `bench run` puts them).")] = None,
+    plugins: PluginsOpt = None,
+) -> None:
+    """Draw clean vs triggered test images for every attack of a scenario, without training anything."""
+    try:
+        written = runner.show_triggers(scenario, out_dir, plugins)
+    except BenchError as exc:
+        raise _fail(exc) from None
+    if not written:
+        err.print("the scenario has no attack to draw")
+    for path in written:
+        typer.echo(str(path))
+
+
 @app.command("plugins")
 def list_plugins(
     kind: Annotated[str | None, typer.Option(help="model, dataset, trigger or defense.")] = None,

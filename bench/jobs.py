@@ -49,10 +49,14 @@ class JobContext:
         """The data set of ``spec`` on the context's device, loaded once per process."""
         key = json.dumps(spec, sort_keys=True)
         if key not in self._data:
-            params = {k: v for k, v in spec.items() if k != "name"}
-            data = REGISTRY.get("dataset", spec["name"]).create(**params)
-            self._data[key] = data.to(self.device)
+            self._data[key] = load_dataset(spec, self.device)
         return self._data[key]
+
+
+def load_dataset(spec: dict[str, Any], device: torch.device) -> TensorData:
+    """The data set of a resolved ``spec``, as tensors on ``device``."""
+    params = {k: v for k, v in spec.items() if k != "name"}
+    return REGISTRY.get("dataset", spec["name"]).create(**params).to(device)
 
 
 def build_model(spec: dict[str, Any], data: TensorData) -> BenchModel:

@@ -5,8 +5,10 @@ The CLI is a thin skin over these functions; tests and notebooks call them direc
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +19,12 @@ from bench import __version__
 from bench import plan as planning
 from bench import report as reporting
 from bench import scenario as scenarios
+from bench.data.base import TensorData
 from bench.errors import BenchError, ScenarioError
 from bench.execute.local import ExecutionSummary, Reporter, execute
 from bench.execute.pool import execute_parallel
 from bench.execute.ray_cluster import execute_ray
-from bench.jobs import JobContext
+from bench.jobs import JobContext, load_dataset
 from bench.store import JobRecord, Store, git_commit, open_existing
 from bench.train import resolve_device
 
@@ -44,10 +47,14 @@ def store_dir(runs_dir: str | Path, name: str) -> Path:
     return Path(runs_dir) / name
 
 
-def check_data(prepared: Prepared, ctx: JobContext) -> None:
-    """Load every data set once (before any training) and check attack targets against its classes."""
+DatasetOf = Callable[[dict[str, Any]], TensorData]
+
+
+def check_data(prepared: Prepared, dataset_of: DatasetOf) -> None:
+    """Load every data set once (before any training; ``dataset_of`` caches, e.g. ``JobContext.dataset``)
+    and check attack targets against its classes."""
     for dataset in prepared.resolved.datasets:
-        data = ctx.dataset(dataset)
+        data = dataset_of(dataset)
         for i, attack in enumerate(prepared.resolved.attacks):
             if attack["target"] >= data.num_classes:
                 raise ScenarioError(
@@ -60,9 +67,10 @@ def check_data(prepared: Prepared, ctx: JobContext) -> None:
 PICTURE_IMAGES = 4
 
 
-def trigger_pictures(prepared: Prepared, ctx: JobContext, out_dir: Path) -> list[Path]:
+def trigger_pictures(prepared: Prepared, dataset_of: DatasetOf, out_dir: Path) -> list[Path]:
     """One PNG per data set x model: clean test images beside every attack's triggered version
-    (like Figures 2 and 3 of the BadPatches paper), drawn over the model's patch grid."""
+    (like Figures 2 and 3 of the BadPatches paper), drawn over the model's patch grid. Needs no trained
+    model: the grid comes from the model's architecture."""
     from bench.attacks.pictures import trigger_grid_png
     from bench.jobs import build_model, build_trigger
 
@@ -70,7 +78,7 @@ def trigger_pictures(prepared: Prepared, ctx: JobContext, out_dir: Path) -> list
     if not prepared.resolved.attacks:
         return written
     for dataset in prepared.resolved.datasets:
-        data = ctx.dataset(dataset)
+        data = dataset_of(dataset)
         gen = torch.Generator().manual_seed(0)
         pick = torch.randperm(len(data.test_y), generator=gen)[:PICTURE_IMAGES].to(data.test_x.device)
         for m_index, model_spec in enumerate(prepared.resolved.models):
@@ -90,6 +98,24 @@ def trigger_pictures(prepared: Prepared, ctx: JobContext, out_dir: Path) -> list
             title = f"{dataset['name']} / {model_spec['name']}: clean vs triggered"
             written.append(trigger_grid_png(data.test_x[pick].cpu(), triggers, path, model.patch_grid, title))
     return written
+
+
+def show_triggers(path: str | Path, out_dir: str | Path | None = None, plugins: list[str] | None = None,
+                  reports_dir: str | Path = "reports") -> list[Path]:
+    """The trigger pictures of a scenario without running it (default: ``reports/<name>/``, where a run
+    writes them too); data sets are loaded on the CPU and checked as a run checks them."""
+    prepared = prepare(path, plugins)
+    loaded: dict[str, TensorData] = {}
+
+    def dataset_of(spec: dict[str, Any]) -> TensorData:
+        key = json.dumps(spec, sort_keys=True)
+        if key not in loaded:
+            loaded[key] = load_dataset(spec, torch.device("cpu"))
+        return loaded[key]
+
+    check_data(prepared, dataset_of)
+    target = Path(out_dir) if out_dir is not None else Path(reports_dir) / prepared.resolved.name
+    return trigger_pictures(prepared, dataset_of, target)
 
 
 @dataclass
@@ -132,8 +158,8 @@ def run(
     store.set_meta("defenses", prepared.plan.defenses)
     store.set_meta("device", str(dev))
     ctx = JobContext(store, dev)
-    check_data(prepared, ctx)
-    pictures = trigger_pictures(prepared, ctx, Path(reports_dir) / prepared.resolved.name)
+    check_data(prepared, ctx.dataset)
+    pictures = trigger_pictures(prepared, ctx.dataset, Path(reports_dir) / prepared.resolved.name)
     store.set_meta("pictures", [str(p.resolve()) for p in pictures])
     if executor == "ray" or workers > 1:
         ctx = None  # the workers load their own data; this process keeps none on the device

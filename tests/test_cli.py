@@ -86,6 +86,19 @@ def test_report_formats(write_scenario, tmp_path):
     assert invoke("report", run_dir, "--format", "xml").exit_code == 2
 
 
+def test_show_triggers_draws_every_attack_without_training(write_scenario, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = tiny_scenario(attacks=[{"name": "badnets", "target": 0}, {"name": "blend", "target": 0}])
+    result = invoke("show-triggers", str(write_scenario(raw)), "--out", str(tmp_path / "pics"))
+    assert result.exit_code == 0, result.output
+    (png,) = [Path(line) for line in result.stdout.split()]
+    assert png.parent == tmp_path / "pics" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "runs").exists()  # nothing trained, no store
+    bad = tiny_scenario(attacks=[{"name": "badnets", "target": 10}])
+    failed = invoke("show-triggers", str(write_scenario(bad, "bad.yaml")))
+    assert failed.exit_code == 2 and "is not a class of dataset 'digits'" in failed.output
+
+
 def test_report_names_the_code_behind_its_results(write_scenario, tmp_path):
     assert _run(write_scenario(tiny_scenario()), tmp_path).exit_code == 0
     run_dir = tmp_path / "runs" / "tiny"

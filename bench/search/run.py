@@ -90,7 +90,7 @@ def run_search(
     store = Store(root)
     dev = resolve_device(device or prepared.resolved.scenario.device)
     ctx = JobContext(store, dev)
-    check_data(RunPrepared(prepared.resolved, build(prepared.resolved)), ctx)
+    check_data(RunPrepared(prepared.resolved, build(prepared.resolved)), ctx.dataset)
     runner = TrialRunner(prepared, store, dev, ctx, reporter,
                          on_start=reporter.trial_started if reporter is not None else None)
 
