@@ -238,7 +238,8 @@ def _pct(rate: float | None) -> str:
     return "-" if rate is None else f"{rate * 100:g}%"
 
 
-def to_markdown(rows: list[Row], meta: dict[str, Any], pictures: list[str] | None = None) -> str:
+def to_markdown(rows: list[Row], meta: dict[str, Any], pictures: list[str] | None = None,
+                routing_pictures: list[str] | None = None) -> str:
     """The report as markdown: header, one Table-1-style table per group, the ranked leaderboard."""
     lines = [f"# pmoe-bench report: {meta.get('scenario', '?')}", ""]
     lines.append(
@@ -302,6 +303,11 @@ def to_markdown(rows: list[Row], meta: dict[str, Any], pictures: list[str] | Non
                   "patch grid; the lower rows show |x' - x| scaled to its maximum.", ""]
         for picture in pictures:
             lines += [f"![{Path(picture).stem}]({picture})", ""]
+    if routing_pictures:
+        lines += ["## Routing pictures", "", "Drawn by `bench analyze`: which patches each expert keeps on clean and "
+                  "triggered images (clean, backdoored and defended models), how often each patch is kept over the "
+                  "test set, and the pixel values of the kept patches.", ""]
+        lines += [f"- [{Path(picture).name}]({picture})" for picture in routing_pictures] + [""]
     return "\n".join(lines)
 
 

@@ -218,12 +218,14 @@ def render(store: Store, fmt: str = "md", relative_to: Path | None = None) -> st
         return reporting.to_csv(rows)
     if fmt == "json":
         return reporting.to_json(rows, meta)
-    return reporting.to_markdown(rows, meta, pictures=_relative_pictures(store, relative_to))
+    return reporting.to_markdown(rows, meta, pictures=_relative_pictures(store, relative_to),
+                                 routing_pictures=_relative_pictures(store, relative_to, "analysis_pictures"))
 
 
-def _relative_pictures(store: Store, relative_to: Path | None) -> list[str]:
+def _relative_pictures(store: Store, relative_to: Path | None, key: str = "pictures") -> list[str]:
+    """The pictures a store lists under ``key`` that still exist, relative to the report's folder."""
     out = []
-    for picture in store.get_meta("pictures", []):
+    for picture in store.get_meta(key, []):
         path = Path(picture)
         if path.exists():
             out.append(os.path.relpath(path, relative_to) if relative_to is not None else str(path))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -378,6 +379,14 @@ def test_analyze_writes_pictures_and_metrics_of_clean_and_backdoored(tiny_run: P
         assert 0 < values["route_n_images"] <= 120  # the seeded subset, less its target-class images
     assert "asr" in metrics["backdoored"] and "ba" in metrics["clean"]
     assert "backdoored" in result.stderr and "routed" in result.stderr
+    # the report links the pictures, relative to its own folder
+    from bench import runner
+
+    report = runner.write_report(Store(tiny_run), tiny_run.parent / "report" / "tiny.md").read_text()
+    section = report[report.index("## Routing pictures"):]
+    for png in files[:3]:
+        link = os.path.relpath(png, tiny_run.parent / "report")
+        assert f"[{png.name}]({link})" in section
 
 
 @pytest.mark.parametrize(

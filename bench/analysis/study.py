@@ -87,7 +87,18 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None,
     if not results:
         raise BenchError(f"{run_dir}: nothing to analyze: {problems[0]}" if problems else
                          f"{run_dir}: nothing to analyze")
+    _list_pictures(store, [f for r in results for f in r.files])
     return results
+
+
+def _list_pictures(store: Store, files: list[Path]) -> None:
+    """Add the PNGs written to the store's list, which the report links (``bench report`` renders it)."""
+    listed = list(store.get_meta("analysis_pictures", []))
+    for path in files:
+        resolved = str(Path(path).resolve())
+        if resolved.endswith(".png") and resolved not in listed:
+            listed.append(resolved)
+    store.set_meta("analysis_pictures", listed)
 
 
 def _analyze_group(
