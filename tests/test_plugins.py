@@ -24,6 +24,7 @@ from bench.errors import BenchError, ComponentParamsError, PluginError
 from bench.plugins import load_plugin_file
 from bench.registry import REGISTRY
 from bench.scaffold import new, new_command
+from bench.store import Store
 from tests.conftest import tiny_scenario
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +107,10 @@ def test_generated_components_together_run_in_a_scenario(tmp_path):
         plugins=[f"{n.replace('-', '_')}.py" for _, n in KIND_NAMES.values()],  # relative to the scenario
         models=[{"name": "scaf_moe", "experts": 2, "topk": 4}],
         datasets=[{"name": "scaf_digits", "image_size": 16}],
-        attacks=[{"name": "scaf-trig", "amplitude": 0.2, "target": 0, "apply": "badpatches"}],
+        attacks=[{"name": "scaf-trig", "amplitude": 0.2, "target": 0, "apply": "badpatches"},
+                 {"name": "scaf-trig", "amplitude": 0.2, "target": 0,  # inside the qcb objective
+                  "objective": {"name": "qcb", "target_bits": 4, "scope": "whole"}}],
+        quantization={"bits": ["fp32", 4], "scopes": ["whole"]},
         defenses=[{"name": "scaf_def", "epochs": 1}],
     )
     path = tmp_path / "generated.yaml"
@@ -115,8 +119,13 @@ def test_generated_components_together_run_in_a_scenario(tmp_path):
                     str(tmp_path / "reports"))
     assert result.exit_code == 0, result.output
     report = (tmp_path / "reports" / "generated.md").read_text()
-    for text in ("scaf_digits", "scaf_moe", "scaf-trig", "scaf_def / finetuned"):
-        assert text in report
+    for text in ("scaf_digits", "scaf_moe", "scaf-trig", "scaf_def / finetuned", "## Dormancy", "scaf-trig+qcb",
+                 "triggers-scaf_digits-scaf_moe-0.png"):
+        assert text in report, text
+    records = Store(tmp_path / "runs" / "generated").records().values()
+    defended_at_int4 = [r for r in records if r.kind == "evaluate" and r.spec.get("stage")
+                        and (r.spec.get("quant") or {}).get("bits") == 4]
+    assert defended_at_int4 and all("asr" in r.metrics for r in defended_at_int4)  # defenses at every config
 
 
 def test_new_refuses_to_overwrite_without_force(tmp_path):
