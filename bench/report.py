@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import re
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -161,9 +162,17 @@ def aggregate(cells: list[dict[str, Any]], records: dict[str, JobRecord]) -> lis
                 seeds=len(members), missing=missing, key=raw, der=summarize(der), routed=summarize(routed),
                 jaccard=summarize(jaccard))
         )
-    rows.sort(key=lambda r: (r.dataset, r.model, r.train, r.quant, r.defense, r.attack != "clean", r.attack,
+    # a defense's stages keep the plan's order (pruned before finetuned): the sort is stable, the key omits them
+    rows.sort(key=lambda r: (r.dataset, r.model, natural(r.train), natural(r.quant),
+                             natural(r.defense.rsplit(" / ", 1)[0]), r.attack != "clean", natural(r.attack),
                              r.poison_rate or 0.0))
     return rows
+
+
+def natural(label: str) -> tuple[str | float, ...]:
+    """Sort key that orders the numbers inside a label by value ("epochs=5" before "epochs=20")."""
+    parts = re.split(r"(\d+(?:\.\d+)?)", label)
+    return tuple(float(p) if i % 2 else p for i, p in enumerate(parts))
 
 
 def _defense_label(defense: dict[str, Any] | None, varying: set[str]) -> str:

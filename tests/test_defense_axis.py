@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from bench import plan as planning
 from bench import scenario as sc
 from bench.cli import app
+from bench.report import natural
 from tests.conftest import tiny_scenario
 
 DEFENSES = [
@@ -46,3 +47,14 @@ def test_run_reports_table3_and_der(write_scenario, tmp_path):
     assert len(defended) == 8
     assert all(r["ba_n"] == 1 and r["asr_n"] == 1 and r["der_n"] == 1 for r in defended)
     assert all(0 <= r["der_mean"] <= 1 for r in defended)
+    # Table 3's order: rates by value, each defense's stages in the order it runs them (pruned, then finetuned)
+    fp32 = [r["defense"] for r in defended if r["quant"] == "fp32"]
+    assert [d.rsplit(" / ", 1)[1] for d in fp32] == ["pruned", "finetuned"] * 2
+    assert "rate=0.1" in fp32[0] and "rate=0.3" in fp32[2]
+
+
+def test_labels_sort_by_the_numbers_inside_them():
+    labels = ["fine-pruning (epochs=20, rate=0.3)", "fine-pruning (epochs=5, rate=0.3)", "int8/whole", "int4/whole",
+              "fine-pruning (epochs=5, rate=0.25)"]
+    assert sorted(labels, key=natural) == ["fine-pruning (epochs=5, rate=0.25)", "fine-pruning (epochs=5, rate=0.3)",
+                                           "fine-pruning (epochs=20, rate=0.3)", "int4/whole", "int8/whole"]
