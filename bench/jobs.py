@@ -43,20 +43,29 @@ class JobContext:
     #: Called after every training epoch with the model and the train job's spec (searches use it to
     #: report intermediate values; raising from it, e.g. optuna.TrialPruned, stops the job unrecorded).
     model_hook: Callable[[BenchModel, dict[str, Any], int, int], None] | None = None
-    _data: dict[str, TensorData] = field(default_factory=dict)
+    _data: DatasetCache = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._data = DatasetCache(self.device)
 
     def dataset(self, spec: dict[str, Any]) -> TensorData:
         """The data set of ``spec`` on the context's device, loaded once per process."""
+        return self._data(spec)
+
+
+class DatasetCache:
+    """Data sets by resolved spec, each loaded once, as tensors on ``device``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._loaded: dict[str, TensorData] = {}
+
+    def __call__(self, spec: dict[str, Any]) -> TensorData:
         key = json.dumps(spec, sort_keys=True)
-        if key not in self._data:
-            self._data[key] = load_dataset(spec, self.device)
-        return self._data[key]
-
-
-def load_dataset(spec: dict[str, Any], device: torch.device) -> TensorData:
-    """The data set of a resolved ``spec``, as tensors on ``device``."""
-    params = {k: v for k, v in spec.items() if k != "name"}
-    return REGISTRY.get("dataset", spec["name"]).create(**params).to(device)
+        if key not in self._loaded:
+            params = {k: v for k, v in spec.items() if k != "name"}
+            self._loaded[key] = REGISTRY.get("dataset", spec["name"]).create(**params).to(self.device)
+        return self._loaded[key]
 
 
 def build_model(spec: dict[str, Any], data: TensorData) -> BenchModel:

@@ -5,7 +5,6 @@ The CLI is a thin skin over these functions; tests and notebooks call them direc
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from bench.errors import BenchError, ScenarioError
 from bench.execute.local import ExecutionSummary, Reporter, execute
 from bench.execute.pool import execute_parallel
 from bench.execute.ray_cluster import execute_ray
-from bench.jobs import JobContext, load_dataset
+from bench.jobs import DatasetCache, JobContext
 from bench.store import JobRecord, Store, git_commit, open_existing
 from bench.train import resolve_device
 
@@ -105,14 +104,7 @@ def show_triggers(path: str | Path, out_dir: str | Path | None = None, plugins: 
     """The trigger pictures of a scenario without running it (default: ``reports/<name>/``, where a run
     writes them too); data sets are loaded on the CPU and checked as a run checks them."""
     prepared = prepare(path, plugins)
-    loaded: dict[str, TensorData] = {}
-
-    def dataset_of(spec: dict[str, Any]) -> TensorData:
-        key = json.dumps(spec, sort_keys=True)
-        if key not in loaded:
-            loaded[key] = load_dataset(spec, torch.device("cpu"))
-        return loaded[key]
-
+    dataset_of = DatasetCache(torch.device("cpu"))
     check_data(prepared, dataset_of)
     target = Path(out_dir) if out_dir is not None else Path(reports_dir) / prepared.resolved.name
     return trigger_pictures(prepared, dataset_of, target)

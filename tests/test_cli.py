@@ -151,7 +151,8 @@ def test_nothing_stored_is_lost_on_a_later_bad_input(write_scenario, tmp_path):
 
 
 def test_killed_run_resumes_losing_at_most_the_job_in_flight(write_scenario, tmp_path):
-    path = write_scenario(tiny_scenario(train={"epochs": 3, "lr": 0.05}, poison_rates=[0.05, 0.1, 0.2]))
+    # long enough (about a second a training) that the poll below always sees a first row before the last one
+    path = write_scenario(tiny_scenario(train={"epochs": 6, "lr": 0.05}, poison_rates=[0.05, 0.1, 0.2]))
     cmd = [sys.executable, "-m", "bench.cli", "run", str(path), "--runs-dir", str(tmp_path / "runs"),
            "--reports-dir", str(tmp_path / "reports")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -160,7 +161,7 @@ def test_killed_run_resumes_losing_at_most_the_job_in_flight(write_scenario, tmp
     while time.time() < deadline:
         if db.exists() and _rows(tmp_path) >= 1:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = _rows(tmp_path)
