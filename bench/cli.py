@@ -179,7 +179,8 @@ def report(
         raise typer.Exit(2)
     try:
         store = runner.open_run(run_dir)
-        text = runner.render(store, fmt)
+        # pictures are linked relative to the file written (absolute on stdout, which has no folder)
+        text = runner.render(store, fmt, relative_to=out_path.parent.resolve() if out_path is not None else None)
     except BenchError as exc:
         raise _fail(exc) from None
     if out_path is not None:

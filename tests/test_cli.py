@@ -83,6 +83,7 @@ def test_report_formats(write_scenario, tmp_path):
     assert as_csv.stdout.splitlines()[0].startswith("dataset,model")
     out = tmp_path / "r.md"
     assert invoke("report", run_dir, "--out", str(out)).exit_code == 0 and out.read_text().startswith("# pmoe-bench")
+    assert "](reports/tiny/triggers-digits-pmoe-0.png)" in out.read_text()  # linked relative to the file
     assert invoke("report", run_dir, "--format", "xml").exit_code == 2
 
 
