@@ -1,17 +1,24 @@
-"""Triggers: each one's defining formula on hand-computed cases, plus the contract every trigger keeps."""
+"""Triggers: each one's defining formula on hand-computed cases, the contract every trigger keeps, the
+BadPatches trigger grid, and the plan-time check for triggers that cannot run or are degenerate."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from typing import ClassVar
+
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from bench.attacks import BadNets, BadPatches, Blend, WaNet, build_attack_trigger
+from bench.attacks import BadNets, BadPatches, Blend, WaNet, build_attack_trigger, normalize_grid, trigger_problem
 from bench.attacks.base import Trigger
+from bench.attacks.checks import output_problem
 from bench.errors import ComponentParamsError, UnknownComponentError
-from bench.registry import get
+from bench.registry import REGISTRY, get, register_trigger
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -31,7 +38,8 @@ def test_registered_with_the_briefed_defaults() -> None:
     expected = {
         "badnets": {"size": 3, "position": "bottom-right", "value": 1.0, "intensity": 1.0, "margin": 0},
         "blend": {"alpha": 0.5, "pattern": "noise", "seed": 0},
-        "wanet": {"k": 4, "s": 0.5, "seed": 0, "grid_rescale": 1.0, "noise_mode": False, "cross_ratio": 2.0},
+        "wanet": {"k": 4, "s": 0.5, "seed": 0, "grid_rescale": 1.0, "noise_mode": False, "cross_ratio": 2.0,
+                  "sampling": "bilinear"},
     }
     for name, params in expected.items():
         comp = get("trigger", name)
@@ -248,6 +256,61 @@ def test_wanet_noise_mode_cross_samples() -> None:
     assert not torch.allclose(a, trigger(x))
 
 
+def unique_image(c: int, h: int, w: int) -> torch.Tensor:
+    """``[1, C, H, W]`` with every value distinct, so a copied pixel says where it came from."""
+    return (torch.arange(c * h * w, dtype=torch.float32) / (c * h * w)).view(1, c, h, w)
+
+
+def test_wanet_nearest_truncate_k1_computed_by_hand() -> None:
+    # k = 1: one offset for the whole image; truncation copies pixel trunc((g + 1) / 2 * (size - 1)).
+    h, w, s = 6, 7, 0.9
+    trigger = WaNet(k=1, s=s, seed=2, sampling="nearest-truncate")
+    dx, dy = float(trigger.field[0, 0, 0, 0]), float(trigger.field[0, 1, 0, 0])
+    x = unique_image(2, h, w)
+    out = trigger(x)[0]
+    for i in range(h):
+        for j in range(w):
+            gx = min(1.0, max(-1.0, -1 + 2 * j / (w - 1) + s * dx / h))
+            gy = min(1.0, max(-1.0, -1 + 2 * i / (h - 1) + s * dy / h))
+            row, col = int((gy + 1) / 2 * (h - 1)), int((gx + 1) / 2 * (w - 1))
+            assert torch.equal(out[:, i, j], x[0, :, row, col])
+
+
+def test_wanet_nearest_truncate_is_the_notebooks_one_pixel_shift() -> None:
+    # BadPatches notebooks' warp (k = 2, s = 0.25): each pixel is kept or replaced by its neighbour one
+    # pixel up / left, by the sign of the field there; nothing is interpolated.
+    h = w = 32
+    trigger = WaNet(k=2, s=0.25, sampling="nearest-truncate")
+    x = unique_image(3, h, w)
+    out = trigger(x)
+    source = {float(v): divmod(k % (h * w), w) for k, v in enumerate(x.flatten())}
+    shifts = set()
+    for i in range(h):
+        for j in range(w):
+            row, col = source[float(out[0, 0, i, j])]
+            shifts.add((row - i, col - j))
+            assert torch.equal(out[0, :, i, j], x[0, :, row, col])  # all channels from the same pixel
+    assert shifts <= {(0, 0), (-1, 0), (0, -1), (-1, -1)}
+    assert {(-1, 0), (0, -1)} & shifts and (0, 0) in shifts  # both kept and moved pixels
+    changed = (out != x).any(dim=1)[0]
+    assert torch.equal(trigger.touched_mask((3, h, w)), changed)
+    assert not torch.equal(out, WaNet(k=2, s=0.25)(x))  # bilinear (WaNet's own) differs
+
+
+def test_wanet_nearest_truncate_noise_mode_copies_pixels() -> None:
+    trigger = WaNet(k=2, s=0.25, sampling="nearest-truncate", noise_mode=True)
+    x = unique_image(1, 16, 16).expand(3, 1, 16, 16).contiguous()
+    a = trigger.noise(x, torch.Generator().manual_seed(0))
+    assert torch.equal(a, trigger.noise(x, torch.Generator().manual_seed(0)))
+    assert torch.isin(a, x).all()  # copied pixels, no interpolation
+    assert not torch.equal(a[0], a[1])  # per-sample jitter
+
+
+def test_wanet_sampling_choices() -> None:
+    with pytest.raises(ComponentParamsError, match="bilinear.*nearest-truncate"):
+        get("trigger", "wanet").create(sampling="cubic")
+
+
 def test_wanet_rejects_bad_values() -> None:
     for params in ({"k": 0}, {"s": -1.0}, {"grid_rescale": 0.0}, {"cross_ratio": -1.0}):
         with pytest.raises(ComponentParamsError, match=next(iter(params))):
@@ -309,3 +372,188 @@ def test_build_attack_trigger() -> None:
         build_attack_trigger("blend", {"alhpa": 0.1}, "image", None)
     with pytest.raises(UnknownComponentError, match="badnets"):
         build_attack_trigger("badnet", {}, "image", None)
+
+
+def test_build_attack_trigger_with_its_own_trigger_grid() -> None:
+    assert build_attack_trigger("badnets", {}, "badpatches", (8, 8), 4).grid == (4, 4)
+    assert build_attack_trigger("badnets", {}, "badpatches", (8, 8), [2, 4]).grid == (2, 4)
+    assert build_attack_trigger("badnets", {}, "badpatches", (8, 8), None).grid == (8, 8)
+    assert isinstance(build_attack_trigger("badnets", {}, "image", (8, 8), 4), BadNets)  # ignored
+    with pytest.raises(ComponentParamsError, match="patch grid"):  # BadPatches attacks patch routing
+        build_attack_trigger("badnets", {}, "badpatches", None, 4)
+    for bad in (0, [4, 0], [1, 2, 3], "4", True, [2.0, 2]):
+        with pytest.raises(ComponentParamsError, match="trigger_grid"):
+            build_attack_trigger("badnets", {}, "badpatches", (8, 8), bad)  # type: ignore[arg-type]
+    assert normalize_grid([3]) == (3, 3) and normalize_grid((2, 5)) == (2, 5) and normalize_grid(None) is None
+
+
+def test_paper_square_on_16_patches_of_8x8_blackens_a_quarter_of_every_patch() -> None:
+    # BadPatches paper, Section 3.3.4: a 32x32 image split into 16 patches of 8x8, the 4x4 top-left square
+    # stamped into each: the top-left quarter of every 8x8 patch is black, the rest untouched.
+    x = images(2, 3, 32, 32)
+    out = build_attack_trigger("badnets", {"size": 4, "position": "top-left", "value": 0.0}, "badpatches",
+                               (8, 8), 4)(x)
+    idx = torch.arange(32)
+    quarter = ((idx[:, None] % 8) < 4) & ((idx[None, :] % 8) < 4)
+    assert quarter.float().mean() == 0.25
+    assert torch.equal(out[..., quarter], torch.zeros_like(out[..., quarter]))
+    assert torch.equal(out[..., ~quarter], x[..., ~quarter])
+    # on the pMoE's routing grid (64 patches of 4x4) the same square paints every pixel
+    everything = build_attack_trigger("badnets", {"size": 4, "position": "top-left", "value": 0.0},
+                                      "badpatches", (8, 8))(x)
+    assert torch.equal(everything, torch.zeros_like(x))
+
+
+# --- trigger_problem: attacks that cannot run or are degenerate ------------------------------------------
+
+CIFAR = (3, 32, 32)
+PAPER_GRID = (8, 8)
+SQUARE = {"size": 4, "position": "top-left", "value": 0.0}
+
+
+def attack(name: str, params: dict | None = None, apply: str = "image", trigger_grid=None) -> dict:
+    return {"name": name, "params": get("trigger", name).validate(params or {}), "apply": apply,
+            "target": 0, "trigger_grid": trigger_grid}
+
+
+class Pixelate(Trigger):
+    """Test trigger: every ``cell`` x ``cell`` block becomes its mean (flat blocks that follow the input)."""
+
+    strength_param: ClassVar[str] = "cell"
+
+    def __init__(self, cell: int = 4) -> None:
+        self.cell = cell
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        pooled = F.avg_pool2d(images, self.cell)
+        return F.interpolate(pooled, scale_factor=self.cell, mode="nearest")
+
+
+class PatchMean(Trigger):
+    """Test trigger: the whole image (under BadPatches: each patch) becomes its mean per channel."""
+
+    strength_param: ClassVar[str] = "unused"
+
+    def __init__(self, unused: float = 1.0) -> None:
+        self.unused = unused
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        return images.mean(dim=(2, 3), keepdim=True).expand_as(images).contiguous()
+
+
+class Broken(Trigger):
+    """Test trigger that fails on small images, as a careless plugin might."""
+
+    strength_param: ClassVar[str] = "unused"
+
+    def __init__(self, unused: float = 1.0) -> None:
+        self.unused = unused
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-1] < 16:
+            raise IndexError("index 12 is out of bounds for dimension 3 with size 8")
+        return images.flip(-1)
+
+
+@pytest.fixture
+def test_triggers() -> Iterator[None]:
+    names = {"t-pixelate": Pixelate, "t-patch-mean": PatchMean, "t-broken": Broken}
+    for name, cls in names.items():
+        register_trigger(name)(cls)
+    yield
+    for name in names:
+        REGISTRY.unregister("trigger", name)
+
+
+@pytest.mark.parametrize(
+    "the_attack, shape, grid",
+    [
+        (attack("badnets", SQUARE), CIFAR, PAPER_GRID),
+        (attack("badnets", SQUARE, "badpatches", 4), CIFAR, PAPER_GRID),
+        (attack("badnets", SQUARE, "badpatches", [2, 4]), CIFAR, PAPER_GRID),
+        (attack("blend", {"alpha": 0.5}, "badpatches"), CIFAR, PAPER_GRID),
+        (attack("wanet", {"k": 2, "s": 0.25, "sampling": "nearest-truncate"}, "badpatches", 4), CIFAR, PAPER_GRID),
+        (attack("wanet", {"k": 4, "s": 0.5}), (1, 28, 28), None),
+        (attack("badnets", {"size": 2, "position": "bottom-right"}), (1, 16, 16), None),
+        (attack("badnets", {"size": 2, "intensity": 0.0}, "badpatches"), (1, 16, 16), (4, 4)),  # control
+        (attack("blend", {"alpha": 0.0}), CIFAR, None),  # strength 0: a search's no-backdoor control
+    ],
+)
+def test_runnable_attacks_have_no_problem(the_attack: dict, shape: tuple, grid: tuple | None) -> None:
+    assert trigger_problem(the_attack, shape, grid) is None
+
+
+def test_badpatches_needs_a_routing_model() -> None:
+    for trigger_grid in (None, 4):
+        problem = trigger_problem(attack("badnets", SQUARE, "badpatches", trigger_grid), CIFAR, None)
+        assert problem is not None and "patch-level" in problem and "apply: image" in problem
+    assert trigger_problem(attack("badnets", SQUARE), CIFAR, None) is None
+
+
+def test_trigger_grid_must_divide_the_image() -> None:
+    problem = trigger_problem(attack("badnets", SQUARE, "badpatches", 3), CIFAR, PAPER_GRID)
+    assert problem == "apply: badpatches: the 3x3 trigger grid does not divide a 32x32 image (32 % 3 = 2, 32 % 3 = 2)"
+    problem = trigger_problem(attack("blend", {}, "badpatches"), (3, 30, 30), PAPER_GRID)  # routing grid
+    assert problem is not None and "8x8 patch grid does not divide a 30x30" in problem
+    assert "trigger_grid" in str(trigger_problem(attack("blend", {}, "badpatches", [0, 2]), CIFAR, PAPER_GRID))
+
+
+def test_trigger_larger_than_the_image_or_the_patch() -> None:
+    problem = trigger_problem(attack("badnets", {"size": 33}), CIFAR, PAPER_GRID)
+    assert problem is not None and "33x33 square" in problem and "32x32" in problem and "\n" not in problem
+    problem = trigger_problem(attack("badnets", {"size": 9}, "badpatches", 4), CIFAR, PAPER_GRID)
+    assert problem is not None and "9x9 square" in problem and "8x8-pixel patches" in problem
+    problem = trigger_problem(attack("badnets", {"size": 5}, "badpatches"), CIFAR, PAPER_GRID)
+    assert problem is not None and "4x4-pixel patches" in problem
+
+
+def test_square_filling_every_patch_of_the_routing_grid_is_degenerate() -> None:
+    # the BadPatches paper's square on the pMoE's own grid: the whole image black
+    problem = trigger_problem(attack("badnets", SQUARE, "badpatches"), CIFAR, PAPER_GRID)
+    assert problem is not None and "flat colour" in problem and "trigger_grid" in problem
+    problem = trigger_problem(attack("badnets", {"size": 8, "value": 0.3}, "badpatches", 4), CIFAR, PAPER_GRID)
+    assert problem is not None and "flat colour" in problem
+    problem = trigger_problem(attack("badnets", {"size": 32}), CIFAR, None)  # image-level, whole image
+    assert problem is not None and "every image into one flat colour" in problem
+
+
+def test_plugin_triggers_that_flatten_patches_or_fail(test_triggers: None) -> None:
+    problem = trigger_problem(attack("t-pixelate"), CIFAR, PAPER_GRID)  # every 4x4 routing patch flat
+    assert problem is not None and "routing patch" in problem and "4x4" in problem
+    assert trigger_problem(attack("t-pixelate", {"cell": 2}), CIFAR, PAPER_GRID) is None
+    problem = trigger_problem(attack("t-patch-mean", {}, "badpatches", 4), CIFAR, PAPER_GRID)
+    assert problem is not None and "BadPatches patch" in problem and "8x8" in problem
+    problem = trigger_problem(attack("t-broken", {}, "badpatches", 4), CIFAR, PAPER_GRID)
+    assert problem is not None and "IndexError" in problem and "8x8-pixel patches" in problem
+    assert trigger_problem(attack("t-broken"), CIFAR, PAPER_GRID) is None
+
+
+def test_output_that_ignores_the_input_is_degenerate() -> None:
+    problem = trigger_problem(attack("blend", {"alpha": 1.0}), CIFAR, PAPER_GRID)
+    assert problem is not None and "no longer depends on its input" in problem
+    problem = trigger_problem(attack("blend", {"alpha": 1.0}, "badpatches", 4), CIFAR, PAPER_GRID)
+    assert problem is not None and "no longer depends on its input" in problem
+
+
+class Misbehaving(Trigger):
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        return images[..., 1:] if self.out == "crop" else images * 2
+
+
+def test_output_must_keep_shape_and_range() -> None:
+    assert "keep the shape" in str(output_problem(Misbehaving("crop"), CIFAR))
+    assert "outside [0, 1]" in str(output_problem(Misbehaving("scale"), CIFAR))
+
+
+def test_trigger_problem_is_fast() -> None:
+    attacks = [attack("badnets", SQUARE, "badpatches", 4), attack("blend", {}, "badpatches", 4),
+               attack("wanet", {"k": 2, "s": 0.25, "sampling": "nearest-truncate"}, "badpatches", 4)]
+    trigger_problem(attacks[0], CIFAR, PAPER_GRID)  # imports and first-call set-up
+    start = time.perf_counter()
+    for _ in range(10):
+        for a in attacks:
+            assert trigger_problem(a, CIFAR, PAPER_GRID) is None
+    assert (time.perf_counter() - start) / 30 < 0.05  # milliseconds in practice; loose for a busy machine

@@ -1,16 +1,18 @@
 """Built-in triggers and poisoning; importing this package registers the triggers.
 
 Public API: the triggers (:class:`BadNets`, :class:`Blend`, :class:`WaNet`), the patch-level wrapper
-:class:`BadPatches` with :func:`build_attack_trigger`, poisoning (:func:`poison_indices`,
+:class:`BadPatches` with :func:`build_attack_trigger` (and :func:`normalize_grid` for ``trigger_grid``),
+the plan-time check :func:`trigger_problem`, poisoning (:func:`poison_indices`,
 :func:`poison_training_set`, :func:`triggered_test_set`) and :func:`trigger_grid_png` for pictures.
 """
 
 from __future__ import annotations
 
 from bench.attacks.badnets import BadNets
-from bench.attacks.badpatches import APPLY_MODES, BadPatches, build_attack_trigger
+from bench.attacks.badpatches import APPLY_MODES, BadPatches, build_attack_trigger, normalize_grid
 from bench.attacks.base import Trigger
 from bench.attacks.blend import Blend
+from bench.attacks.checks import trigger_problem
 from bench.attacks.pictures import trigger_grid_png
 from bench.attacks.poison import (
     PoisonedSet,
@@ -30,9 +32,11 @@ __all__ = [
     "Trigger",
     "WaNet",
     "build_attack_trigger",
+    "normalize_grid",
     "poison_count",
     "poison_indices",
     "poison_training_set",
     "trigger_grid_png",
+    "trigger_problem",
     "triggered_test_set",
 ]

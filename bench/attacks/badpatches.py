@@ -1,13 +1,18 @@
-"""BadPatches: apply any trigger to every patch of the model's routing grid, as if each patch were an image.
+"""BadPatches: apply any trigger to every patch of a grid, as if each patch were an image.
 
 Paper: "BadPatches: Backdoor Attacks Against Patch-based Mixture of Experts Architectures", Section 3.3.4
 (the paper's code: github.com/geefmegeld/pMoE-backdoor). A patch-level router may never route the one
 patch that holds an image-level trigger, and splits a whole-image trigger into pieces; stamping the whole
 trigger into every patch guarantees that every expert sees all of it, whatever the router picks.
+
+The grid is the model's routing grid unless the attack names its own ``trigger_grid``: the paper's worked
+example splits a 32x32 image into 16 patches of 8x8 (``trigger_grid: 4``) while its pMoE routes 64 patches
+of 4x4, and a 4x4 square stamped into every 4x4 routing patch would paint the whole image.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -22,7 +27,8 @@ APPLY_MODES: tuple[str, ...] = ("image", "badpatches")
 class BadPatches(Trigger):
     r"""Patch-level application of an inner trigger (BadPatches paper, Section 3.3.4).
 
-    Images are split into the ``rows`` x ``cols`` grid the model routes, the inner trigger is called on
+    Images are split into a ``rows`` x ``cols`` grid (the model's routing grid, or the attack's own
+    ``trigger_grid``), the inner trigger is called on
     the ``N * rows * cols`` patches as one batch (each patch as an image), and the patches are stitched
     back. So a blend pattern is resized to the patch with the same alpha, a BadNets square is stamped in
     every patch at its position, and WaNet warps every patch with the same field. The strength is the
@@ -30,8 +36,8 @@ class BadPatches(Trigger):
 
     Arguments:
         inner (Trigger): the trigger applied to each patch.
-        grid (tuple[int, int]): ``(rows, cols)`` of the routing grid; take it from the model
-            (``model.patch_grid``) so it follows the model.
+        grid (tuple[int, int]): ``(rows, cols)`` of the trigger grid: the model's routing grid
+            (``model.patch_grid``) or the attack's ``trigger_grid`` (see :func:`build_attack_trigger`).
 
     Shape:
         images: ``[N, C, H, W]`` in [0, 1] with ``H`` divisible by ``rows`` and ``W`` by ``cols``.
@@ -65,8 +71,8 @@ class BadPatches(Trigger):
         if height % rows or width % cols:
             raise ComponentParamsError(
                 f"badpatches: a {height}x{width} image cannot be split into a {rows}x{cols} patch grid "
-                f"({height} % {rows} = {height % rows}, {width} % {cols} = {width % cols}); the model's "
-                "patch grid must divide the input size"
+                f"({height} % {rows} = {height % rows}, {width} % {cols} = {width % cols}); the trigger "
+                "grid (the attack's trigger_grid, else the model's patch grid) must divide the input size"
             )
         return height // rows, width // cols
 
@@ -104,24 +110,48 @@ class BadPatches(Trigger):
         return self.inner.touched_mask((c, ph, pw)).repeat(*self.grid)
 
 
+def normalize_grid(trigger_grid: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """``trigger_grid`` as ``(rows, cols)``: an int ``n`` is ``n`` x ``n``, ``[rows, cols]`` as given,
+    None stays None (the routing grid). Refuses anything else with a message naming ``trigger_grid``."""
+    if trigger_grid is None:
+        return None
+    values = [trigger_grid] if isinstance(trigger_grid, int) else list(trigger_grid)
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+        raise ComponentParamsError(
+            f"attack.trigger_grid: an int n (n x n patches) or [rows, cols], each >= 1, got {trigger_grid!r}"
+        )
+    return values[0], values[1]
+
+
 def build_attack_trigger(
-    name: str, params: dict[str, Any], apply: str = "image", patch_grid: tuple[int, int] | None = None
+    name: str,
+    params: dict[str, Any],
+    apply: str = "image",
+    patch_grid: tuple[int, int] | None = None,
+    trigger_grid: int | Sequence[int] | None = None,
 ) -> Trigger:
     """The registered trigger ``name`` built from ``params``, wrapped in :class:`BadPatches` when
-    ``apply == "badpatches"`` (with the model's ``patch_grid``).
+    ``apply == "badpatches"``.
 
-    Parameters are validated by the registry (unknown keys, wrong types, allowed choices).
+    BadPatches splits images into ``trigger_grid`` (an int ``n`` = ``n`` x ``n`` patches, or
+    ``[rows, cols]``) or, when it is None, into the model's routing grid ``patch_grid``. BadPatches is an
+    attack on patch-level routing, so it needs a model with a ``patch_grid`` even when ``trigger_grid`` is
+    given. ``trigger_grid`` is ignored for ``apply == "image"``. Parameters are validated by the registry
+    (unknown keys, wrong types, allowed choices).
     """
     from bench.registry import get
 
     if apply not in APPLY_MODES:
         raise ComponentParamsError(f"attack.apply: must be one of {', '.join(APPLY_MODES)}, got {apply!r}")
+    grid = normalize_grid(trigger_grid)
     trigger = get("trigger", name).create(**params)
     if apply == "image":
         return trigger
     if patch_grid is None:
         raise ComponentParamsError(
-            "attack.apply: 'badpatches' applies the trigger to every patch of the model's routing grid, "
+            "attack.apply: 'badpatches' applies the trigger to every patch of a patch-level MoE's input, "
             "but this model has no patch grid (a dense model); use apply: image, or a patch-level MoE model"
         )
-    return BadPatches(trigger, patch_grid)
+    return BadPatches(trigger, grid if grid is not None else patch_grid)

@@ -2,7 +2,9 @@
 
 A trigger maps images ``[N, C, H, W]`` in [0, 1] to triggered images of the same shape, still in [0, 1],
 deterministically (any randomness is fixed by the trigger's own ``seed`` parameter). It must work for any
-``H, W``: BadPatches calls it on each patch of the routing grid as if the patch were an image.
+``H, W``: BadPatches calls it on each patch of its grid (the attack's ``trigger_grid``, else the model's
+routing grid) as if the patch were an image. :func:`bench.attacks.checks.trigger_problem` checks at plan
+time that a trigger does not turn images or patches into flat colour.
 """
 
 from __future__ import annotations

@@ -2,13 +2,14 @@
 
 Paper: Nguyen & Tran, "WaNet - Imperceptible Warping-based Backdoor Attack", ICLR 2021,
 https://arxiv.org/abs/2102.10369. We follow the definition of the authors' release
-(github.com/VinAIResearch/Warping-based_Backdoor_Attack-release, ``train.py``) step by step; the BadPatches
-paper (Section 3.3.3) uses it with k = 4, s = 0.5.
+(github.com/VinAIResearch/Warping-based_Backdoor_Attack-release, ``train.py``) step by step. The BadPatches
+paper (Section 3.3.3) uses WaNet's warp; its published notebooks (github.com/geefmegeld/pMoE-backdoor) build
+it with k = 2, s = 0.25 and sample without interpolation (``sampling="nearest-truncate"``).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from bench.attacks.base import Trigger
 from bench.errors import ComponentParamsError
 from bench.registry import register_trigger
+
+Sampling = Literal["bilinear", "nearest-truncate"]
 
 
 @register_trigger("wanet")
@@ -38,6 +41,15 @@ class WaNet(Trigger):
     ``grid_rescale = 1`` the grid is the identity and we return the images unchanged rather than resample
     them (``grid_sample`` on the identity grid is exact only up to float rounding).
 
+    Sampling (``sampling``): ``"bilinear"`` is step 4, WaNet's own. ``"nearest-truncate"`` is what the
+    BadPatches paper's published notebooks do instead: each normalised coordinate ``g`` becomes the pixel
+    index ``trunc((g + 1) / 2 * (size - 1))``, clamped to the image, and the pixel there is copied. With a
+    sub-pixel offset the index is the pixel itself where the offset is positive and its neighbour one pixel
+    up (rows) or left (columns) where it is negative: a blocky one-pixel shift instead of a smooth warp.
+    (The notebooks also clip the upsampled field to [-1, 1]; with truncation only the offset's sign
+    matters while it stays under one pixel, which holds for ``s * max|field| < 2`` (k = 2, s = 0.25: any
+    field), so we do not clip.)
+
     Noise mode (the release's "cross" samples, ``cross_ratio`` > 0 there by default): besides the backdoor
     samples, training adds ``cross_ratio`` times as many samples warped by the trigger's grid *plus*
     per-sample random noise ``U[-1, 1] / H``, keeping their true labels, so the network learns this exact
@@ -54,6 +66,8 @@ class WaNet(Trigger):
         noise_mode (bool): also train on noise ("cross") samples. Default: False.
         cross_ratio (float): number of cross samples per backdoor sample in noise mode (>= 0). Default: 2.0
             (the release's default).
+        sampling (str): "bilinear" (WaNet's ``grid_sample``) or "nearest-truncate" (the BadPatches
+            notebooks: coordinates truncated to pixel indices). Default: "bilinear".
 
     Shape:
         images: ``[N, C, H, W]`` in [0, 1], any ``H, W``.
@@ -63,6 +77,7 @@ class WaNet(Trigger):
 
         >>> trigger = WaNet(k=4, s=0.5, seed=0)
         >>> poisoned = trigger(images)
+        >>> notebooks = WaNet(k=2, s=0.25, sampling="nearest-truncate")  # the BadPatches notebooks' warp
     """
 
     strength_param: ClassVar[str] = "s"
@@ -75,6 +90,7 @@ class WaNet(Trigger):
         grid_rescale: float = 1.0,
         noise_mode: bool = False,
         cross_ratio: float = 2.0,
+        sampling: Sampling = "bilinear",
     ) -> None:
         if k < 1:
             raise ComponentParamsError(f"wanet.k: must be at least 1 (side of the control grid), got {k}")
@@ -90,6 +106,7 @@ class WaNet(Trigger):
         self.grid_rescale = grid_rescale
         self.noise_mode = noise_mode
         self.cross_ratio = cross_ratio
+        self.sampling: Sampling = sampling
         gen = torch.Generator().manual_seed(seed)
         offsets = torch.rand(1, 2, k, k, generator=gen) * 2 - 1
         #: ``[1, 2, k, k]``: the control offsets (x plane, y plane), normalised by their mean magnitude.
@@ -123,6 +140,8 @@ class WaNet(Trigger):
         if self.is_identity:
             return images.clone()
         n, _, h, w = images.shape
+        if self.sampling == "nearest-truncate":
+            return _take(images, *truncated_indices(self.grid(h, w, images.device)))
         grid = self.grid(h, w, images.device, images.dtype).expand(n, h, w, 2)
         return _sample(images, grid)
 
@@ -133,6 +152,9 @@ class WaNet(Trigger):
         """
         n, _, h, w = images.shape
         jitter = torch.rand(n, h, w, 2, generator=generator) * 2 - 1
+        if self.sampling == "nearest-truncate":
+            grid = (self.grid(h, w, images.device) + jitter.to(images.device) / h).clamp(-1, 1)
+            return _take(images, *truncated_indices(grid))
         jitter = jitter.to(device=images.device, dtype=images.dtype)
         grid = (self.grid(h, w, images.device, images.dtype) + jitter / h).clamp(-1, 1)
         return _sample(images, grid)
@@ -143,8 +165,28 @@ class WaNet(Trigger):
         _, h, w = shape
         if self.is_identity:
             return torch.zeros(h, w, dtype=torch.bool)
+        if self.sampling == "nearest-truncate":
+            rows, cols = truncated_indices(self.grid(h, w))
+            return ((rows != torch.arange(h)[:, None]) | (cols != torch.arange(w)[None, :]))[0]
         moved = (self.grid(h, w) - self.identity_grid(h, w)).abs().amax(dim=-1)[0]
         return moved > 0
+
+
+def truncated_indices(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column pixel indices ``[B, H, W]`` of a ``[B, H, W, 2]`` grid (x first) as the BadPatches
+    notebooks compute them: ``trunc((g + 1) / 2 * (size - 1))`` in float32, clamped to the image."""
+    _, h, w, _ = grid.shape
+    g = grid.float()
+    cols = ((g[..., 0] + 1.0) * 0.5 * (w - 1)).to(torch.long).clamp(0, w - 1)
+    rows = ((g[..., 1] + 1.0) * 0.5 * (h - 1)).to(torch.long).clamp(0, h - 1)
+    return rows, cols
+
+
+def _take(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``out[n, c, i, j] = images[n, c, rows[b, i, j], cols[b, i, j]]`` (``b`` = n, or 0 for one grid)."""
+    n, c, h, w = images.shape
+    flat = (rows * w + cols).reshape(rows.shape[0], 1, h * w).expand(n, c, h * w)
+    return images.reshape(n, c, h * w).gather(2, flat).reshape(n, c, h, w)
 
 
 def _sample(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
