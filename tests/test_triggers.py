@@ -379,8 +379,9 @@ def test_build_attack_trigger_with_its_own_trigger_grid() -> None:
     assert build_attack_trigger("badnets", {}, "badpatches", (8, 8), [2, 4]).grid == (2, 4)
     assert build_attack_trigger("badnets", {}, "badpatches", (8, 8), None).grid == (8, 8)
     assert isinstance(build_attack_trigger("badnets", {}, "image", (8, 8), 4), BadNets)  # ignored
-    with pytest.raises(ComponentParamsError, match="patch grid"):  # BadPatches attacks patch routing
-        build_attack_trigger("badnets", {}, "badpatches", None, 4)
+    assert build_attack_trigger("badnets", {}, "badpatches", None, 4).grid == (4, 4)  # fixed patches, dense
+    with pytest.raises(ComponentParamsError, match="trigger_grid"):
+        build_attack_trigger("badnets", {}, "badpatches", None, None)
     for bad in (0, [4, 0], [1, 2, 3], "4", True, [2.0, 2]):
         with pytest.raises(ComponentParamsError, match="trigger_grid"):
             build_attack_trigger("badnets", {}, "badpatches", (8, 8), bad)  # type: ignore[arg-type]
@@ -483,10 +484,10 @@ def test_runnable_attacks_have_no_problem(the_attack: dict, shape: tuple, grid: 
     assert trigger_problem(the_attack, shape, grid) is None
 
 
-def test_badpatches_needs_a_routing_model() -> None:
-    for trigger_grid in (None, 4):
-        problem = trigger_problem(attack("badnets", SQUARE, "badpatches", trigger_grid), CIFAR, None)
-        assert problem is not None and "patch-level" in problem and "apply: image" in problem
+def test_badpatches_on_the_routing_grid_needs_a_routing_model() -> None:
+    problem = trigger_problem(attack("badnets", SQUARE, "badpatches"), CIFAR, None)
+    assert problem is not None and "routing grid" in problem and "trigger_grid" in problem
+    assert trigger_problem(attack("badnets", SQUARE, "badpatches", 4), CIFAR, None) is None  # fixed patches
     assert trigger_problem(attack("badnets", SQUARE), CIFAR, None) is None
 
 

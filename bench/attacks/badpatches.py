@@ -136,10 +136,10 @@ def build_attack_trigger(
     ``apply == "badpatches"``.
 
     BadPatches splits images into ``trigger_grid`` (an int ``n`` = ``n`` x ``n`` patches, or
-    ``[rows, cols]``) or, when it is None, into the model's routing grid ``patch_grid``. BadPatches is an
-    attack on patch-level routing, so it needs a model with a ``patch_grid`` even when ``trigger_grid`` is
-    given. ``trigger_grid`` is ignored for ``apply == "image"``. Parameters are validated by the registry
-    (unknown keys, wrong types, allowed choices).
+    ``[rows, cols]``: fixed patches, so it also runs on a model without routing) or, when it is None, into
+    the model's routing grid ``patch_grid`` (then a model without one is refused). ``trigger_grid`` is
+    ignored for ``apply == "image"``. Parameters are validated by the registry (unknown keys, wrong types,
+    allowed choices).
     """
     from bench.registry import get
 
@@ -149,9 +149,11 @@ def build_attack_trigger(
     trigger = get("trigger", name).create(**params)
     if apply == "image":
         return trigger
-    if patch_grid is None:
+    grid = grid if grid is not None else patch_grid
+    if grid is None:
         raise ComponentParamsError(
-            "attack.apply: 'badpatches' applies the trigger to every patch of a patch-level MoE's input, "
-            "but this model has no patch grid (a dense model); use apply: image, or a patch-level MoE model"
+            "attack.apply: 'badpatches' applies the trigger to every patch of the model's routing grid, but "
+            "this model has no patch grid (a dense model); set the attack's trigger_grid (fixed patches), "
+            "use apply: image, or a patch-level MoE model"
         )
-    return BadPatches(trigger, grid if grid is not None else patch_grid)
+    return BadPatches(trigger, grid)

@@ -31,16 +31,18 @@ def trigger_problem(
     for a model whose routing grid is ``patch_grid`` (None: a model without routing); None when fine.
 
     ``attack`` is a resolved attack dict: ``name``, ``params``, ``apply`` and optionally ``trigger_grid``
-    (None: the routing grid). Fast (milliseconds): the planner calls it once per distinct combination.
+    (an int or ``[rows, cols]``; None or absent: the routing grid, so BadPatches then needs ``patch_grid``;
+    with a ``trigger_grid`` it runs on fixed patches, also on a dense model). Fast (milliseconds): the
+    planner calls it once per distinct combination.
     """
     apply = attack.get("apply", "image")
-    if apply == "badpatches" and patch_grid is None:
-        return (
-            "apply: badpatches needs a patch-level MoE model (a routing patch grid); this model has none, "
-            "use apply: image"
-        )
     try:
         grid = normalize_grid(attack.get("trigger_grid")) if apply == "badpatches" else None
+        if apply == "badpatches" and grid is None and patch_grid is None:
+            return (
+                "apply: badpatches without a trigger_grid uses the model's routing grid, and this model has "
+                "none (a dense model); set trigger_grid (fixed patches) or use apply: image"
+            )
         if apply == "badpatches":
             problem = _grid_problem(grid or patch_grid, image_shape, "trigger grid" if grid else "patch grid")
             if problem:
