@@ -144,8 +144,8 @@ def _expert_convs(model: BenchModel) -> list[torch.nn.Conv2d]:
 
 @FAST
 @given(data=st.data(), rate=st.floats(0.0, 0.95))
-def test_activation_criterion_prunes_the_least_active_channels(digits8, data, rate):
-    """Zero filters and hand-set biases make each channel's mean activation equal to its bias."""
+def test_raw_output_criterion_prunes_the_channels_with_the_lowest_raw_mean(digits8, data, rate):
+    """Zero filters and hand-set biases make each channel's mean raw output equal to its bias."""
     model = fresh(digits8)
     expected = []
     for conv in _expert_convs(model):
@@ -156,7 +156,7 @@ def test_activation_criterion_prunes_the_least_active_channels(digits8, data, ra
             conv.bias.copy_(bias)
         expected.append(set(torch.argsort(bias)[: int(c * rate)].tolist()))
     ctx = make_ctx(digits8, small_cfg(), n_clean=16)
-    stage = Pruning(rate=rate).run(model, ctx)[0]
+    stage = Pruning(rate=rate, criterion="raw-output").run(model, ctx)[0]
     for (name, _), want in zip(model.prunable_convs(), expected, strict=True):
         zero = set(torch.nonzero(stage.state[f"{name}.bias"] == 0).flatten().tolist())
         assert zero == want

@@ -250,6 +250,20 @@ def test_dense_prunable_conv_is_last_backbone_conv():
     assert conv.out_channels == 64
 
 
+@pytest.mark.parametrize(("name", "params"), [("pmoe", {"experts": 4}), ("pmoe", {"experts": 3}),
+                                                ("dense", {})])
+def test_prunable_layers_tile_the_last_feature_map_before_pooling(name, params):
+    """One layer per expert (or one for dense): its convolution's channels, in order, of the map that
+    head_norm and the ReLU produce; the contract's conv names are those of prunable_convs."""
+    model = build(name, (1, 16, 16), **params)
+    layers = model.prunable_layers()
+    assert [(lay.name, lay.conv) for lay in layers] == model.prunable_convs()
+    assert all(lay.norm is model.head_norm and lay.act is model.relu for lay in layers)
+    spans = [range(model.head_norm.num_features)[lay.span()] for lay in layers]
+    assert [i for span in spans for i in span] == list(range(model.head_norm.num_features))
+    assert [len(span) for span in spans] == [lay.channels for lay in layers]
+
+
 # --- presets, validation, determinism ---------------------------------------------------------------
 
 

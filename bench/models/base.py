@@ -42,6 +42,39 @@ class Routing:
         return flat.view(n, e, *self.grid)
 
 
+@dataclass(frozen=True)
+class PrunableLayer:
+    """Output channels that channel pruning (fine-pruning) ranks and silences together: one layer.
+
+    name:  label in masks and metrics (for pMoE the expert's convolution, ``moe.experts.0.conv``).
+    conv:  the convolution whose output channels these are. Pruning zeroes its filters and biases at the
+           pruned channels; ``raw-output`` ranks by the mean of its output, ``magnitude`` by its filters.
+    norm:  the affine BatchNorm that, followed by a ReLU, turns those channels into the last feature map
+           (channels ``start .. start + conv.out_channels`` of it). Pruning also zeroes its weight and bias
+           there, so a pruned channel is exactly 0 after the ReLU in train and eval mode alike (and gets no
+           gradient through the ReLU): silent, whatever reaches it from a residual or a BatchNorm shift.
+           None: the model guarantees that a zero output of ``conv`` is silent by itself.
+    act:   the module whose output is the post-activation feature map holding those channels (what the
+           classifier pools); the ``activation`` criterion reads it. None: the output of ``conv``.
+    start: offset of the layer's channels in ``norm`` and ``act`` (the experts' outputs are concatenated).
+    """
+
+    name: str
+    conv: nn.Conv2d
+    norm: nn.BatchNorm2d | None = None
+    act: nn.Module | None = None
+    start: int = 0
+
+    @property
+    def channels(self) -> int:
+        """Number of prunable output channels (those of ``conv``)."""
+        return int(self.conv.out_channels)
+
+    def span(self) -> slice:
+        """The layer's channels in the output of ``norm`` and ``act``."""
+        return slice(self.start, self.start + self.channels)
+
+
 class Normalize(nn.Module):
     """Per-channel standardisation as the model's first layer."""
 
@@ -77,5 +110,18 @@ class BenchModel(nn.Module, abc.ABC):
         return {"gate": [], "experts": []}
 
     def prunable_convs(self) -> list[tuple[str, nn.Conv2d]]:
-        """The last convolution of every expert (or of the backbone for dense models), for fine-pruning."""
+        """The last convolution of every expert (or of the backbone for dense models), named.
+
+        The short form of :meth:`prunable_layers` for a model in which a zeroed output channel of each
+        convolution is silent by itself (no BatchNorm or residual between it and the classifier).
+        """
         return []
+
+    def prunable_layers(self) -> list[PrunableLayer]:
+        """The layers whose output channels fine-pruning ranks and silences (one per expert for pMoE).
+
+        Default: one :class:`PrunableLayer` per :meth:`prunable_convs` entry, silenced at the convolution
+        itself. Override it when a BatchNorm (or a residual) sits between the convolution and the
+        classifier, so that pruned channels stay exactly zero where the classifier reads them.
+        """
+        return [PrunableLayer(name, conv) for name, conv in self.prunable_convs()]

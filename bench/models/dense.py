@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from bench.errors import ComponentParamsError
-from bench.models.base import BenchModel, Normalize
+from bench.models.base import BenchModel, Normalize, PrunableLayer
 from bench.models.wrn import (
     WideTrunk,
     blocks_per_group,
@@ -62,9 +62,19 @@ class DenseWRN(BenchModel):
         return self.fc(pooled), None
 
     def prunable_convs(self) -> list[tuple[str, nn.Conv2d]]:
-        """The backbone's last convolution (second conv of the last block), as in fine-pruning."""
+        """The backbone's last convolution (second conv of the last block)."""
         last = len(self.group3) - 1
         return [(f"group3.{last}.conv2", self.group3[last].conv2)]
+
+    def prunable_layers(self) -> list[PrunableLayer]:
+        """The last feature map before pooling (after the final BN-ReLU), Liu et al.'s last conv layer.
+
+        The last convolution's output is added to the residual shortcut, so zeroing its filters alone
+        leaves the channel alive; pruning therefore also zeroes ``head_norm``'s weight and bias, which
+        makes the channel exactly 0 after the ReLU.
+        """
+        [(name, conv)] = self.prunable_convs()
+        return [PrunableLayer(name, conv, norm=self.head_norm, act=self.relu)]
 
 
 @register_model("dense")

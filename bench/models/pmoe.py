@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from bench.errors import ComponentParamsError
-from bench.models.base import BenchModel, Normalize, Routing
+from bench.models.base import BenchModel, Normalize, PrunableLayer, Routing
 from bench.models.wrn import (
     WideTrunk,
     blocks_per_group,
@@ -201,6 +201,19 @@ class PMoE(BenchModel):
     def prunable_convs(self) -> list[tuple[str, nn.Conv2d]]:
         """The 1x1 convolution of every expert (its output channels are what fine-pruning removes)."""
         return [(f"moe.experts.{i}.conv", e.conv) for i, e in enumerate(self.moe.experts)]
+
+    def prunable_layers(self) -> list[PrunableLayer]:
+        """One layer per expert: its 1x1 convolution's channels of the last feature map.
+
+        The experts' outputs are concatenated and pass ``head_norm`` and a ReLU before pooling; a zeroed
+        filter alone would still emit the BatchNorm's shift there, so pruning also zeroes ``head_norm``'s
+        weight and bias at the expert's channels, which makes them exactly 0 after the ReLU.
+        """
+        width = self.moe.out_channels // len(self.moe.experts)
+        return [
+            PrunableLayer(name, conv, norm=self.head_norm, act=self.relu, start=i * width)
+            for i, (name, conv) in enumerate(self.prunable_convs())
+        ]
 
 
 def _check_range(field: str, value: int, low: int, high: int | None, what: str) -> None:
