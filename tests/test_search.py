@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,14 @@ from bench.search import (
 )
 from bench.search.output import best_scenario
 from bench.search.paths import get_path, parse_path, resolve_path, set_path
-from bench.search.study import fingerprint, make_pruner, make_sampler, open_storage, open_study
+from bench.search.study import (
+    default_storage,
+    fingerprint,
+    make_pruner,
+    make_sampler,
+    open_storage,
+    open_study,
+)
 from bench.search.trial import TrialRunner, fp32_state
 from bench.search_cli import search
 from bench.store import Store
@@ -415,3 +423,46 @@ def test_epsilon_at_all_constrains_the_lowest_stored_ba(write_scenario, tmp_path
     report = outcome.report_path.read_text()
     assert "BA drop (at fp32, int4/whole, int8/whole) <= 0 points" in report
     assert "worst BA drop" in report
+
+
+def _leave_trial(study: optuna.Study, strength: float) -> optuna.Trial:
+    """Enqueue ``strength`` and start its trial as ``bench search`` does (the trial is RUNNING now)."""
+    study.enqueue_trial({"attacks.0.strength": strength})
+    trial = study.ask()
+    trial.suggest_float("attacks.0.strength", 0.0, 1.0)
+    return trial
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_resume_retries_enqueued_points_whose_trials_died_and_leaves_live_ones(write_scenario,
+                                                                              tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    raw = search_scenario(n_trials=2, params=[{"path": "attacks.0.strength", "low": 0.0, "high": 1.0}],
+                          enqueue=[{"attacks.0.strength": 0.0}, {"attacks.0.strength": 1.0},
+                                   {"attacks.0.strength": 0.5}])
+    path = write_scenario(raw)
+    prepared = prepare_search(path)
+    storage = open_storage(default_storage(runs, "tiny"))
+    study = open_study(storage, "tiny", prepared.spec, make_sampler(prepared.spec), make_pruner(prepared.spec),
+                       fingerprint(prepared.base, prepared.spec, prepared.target), "x")
+    interrupted = _leave_trial(study, 0.0)
+    study.tell(interrupted, state=TrialState.FAIL)  # what Ctrl-C leaves
+    killed = _leave_trial(study, 1.0)
+    storage.record_heartbeat(killed._trial_id)  # a kill leaves RUNNING, its heartbeat stopped long ago:
+    with sqlite3.connect(runs / "tiny" / "search.db") as db:
+        db.execute("UPDATE trial_heartbeats SET heartbeat = datetime('now', '-1 hour') WHERE trial_id = ?",
+                   (killed._trial_id,))
+    live = _leave_trial(study, 0.5)  # another process is running this one right now
+    storage.record_heartbeat(live._trial_id)
+
+    outcome = run_search(path, runs_dir=runs, reports_dir=tmp_path / "reports")
+    trials = study_of(runs).get_trials()
+    states = [(t.params["attacks.0.strength"], t.state) for t in trials]
+    assert states == [(0.0, TrialState.FAIL), (1.0, TrialState.FAIL), (0.5, TrialState.RUNNING),
+                      (0.0, TrialState.COMPLETE), (1.0, TrialState.COMPLETE)]
+    assert outcome.ran == [3, 4]  # the two dead points, retried; the live one is not taken from its owner
+    assert trials[2].datetime_complete is None and not trials[2].user_attrs  # untouched
+    strengths = sorted(r.spec["attack"]["params"]["intensity"] for r in train_rows(runs) if r.spec["attack"])
+    assert strengths == [0.0, 1.0]
+    again = run_search(path, runs_dir=runs, reports_dir=tmp_path / "reports")  # budget (2) reached
+    assert again.ran == [] and len(study_of(runs).get_trials()) == 5  # nothing runs, nothing waits

@@ -5,6 +5,10 @@ pruned) trials of the whole study, so running the same command again after a sto
 then does nothing, as ``bench run`` does with jobs; several processes share that total. ``n_trials``
 (``--n-trials``) runs that many more trials in this session, on top of whatever the study holds.
 ``timeout`` (the block's, or ``--timeout``) stops starting new trials after that many seconds.
+
+Enqueued points: at the start of a session and after each of its trials, an ``enqueue:`` point whose
+trial did not finish (Ctrl-C, an error, a killed process: see :mod:`bench.search.study` for how a dead
+process's RUNNING trial is told from a live one's) is enqueued again, so a resumed search tries it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from bench.search.study import (
     make_sampler,
     open_storage,
     open_study,
+    retry_enqueued,
 )
 from bench.search.trial import TrialRunner
 from bench.store import Store
@@ -84,8 +89,8 @@ def run_search(
         open_storage(url), name, prepared.spec, make_sampler(prepared.spec, seed), make_pruner(prepared.spec),
         fingerprint(prepared.base, prepared.spec, prepared.target), prepared.source,
     )
-    for point in enqueued_points(prepared):
-        study.enqueue_trial(point, skip_if_exists=True)
+    points = enqueued_points(prepared)
+    retry_enqueued(study, points)
 
     store = Store(root)
     dev = resolve_device(device or prepared.resolved.scenario.device)
@@ -100,6 +105,7 @@ def run_search(
 
     def after(study: optuna.Study, trial: FrozenTrial) -> None:
         ran.append(trial.number)
+        retry_enqueued(study, points)  # a trial that went stale during this session: its point again
         if reporter is not None:
             reporter.trial_finished(study, trial)
 

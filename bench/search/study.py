@@ -9,6 +9,21 @@ incomparable trials. Ranges may change between sessions (Optuna handles a change
 Samplers are seeded per trial: trial ``n`` is proposed by a sampler seeded with ``(seed, n)``. The run is
 reproducible, and a resumed session or a second process, whose trials have other numbers, never replays
 the first session's proposals (a plainly seeded sampler would propose the same first points again).
+
+Interrupted trials and the ``enqueue:`` points. Every trial a ``bench search`` process runs records a
+heartbeat in the storage every :data:`HEARTBEAT_SECONDS` (Optuna's heartbeat). A Ctrl-C leaves the trial
+FAIL; a killed process leaves it RUNNING with a heartbeat that stops. The rule (:func:`retry_enqueued`,
+at the start of a session and after each of its trials):
+
+* a RUNNING trial whose last heartbeat is older than :data:`GRACE_SECONDS` belongs to a dead process and
+  is marked FAIL (Optuna's ``fail_stale_trials``);
+* a RUNNING trial with a fresh heartbeat, or with none at all (a process that records none, e.g. an
+  older pmoe-bench), may belong to a live process sharing the study: it is never touched;
+* an enqueued point is enqueued again unless some trial holds it COMPLETE, PRUNED, WAITING or RUNNING;
+  so a point whose trial failed (Ctrl-C, an error, a dead process) is retried, once per check.
+
+Two processes that start at the same moment may both enqueue a point whose trial failed (Optuna's
+enqueueing is not atomic); the point then runs twice, which costs time but never mixes results.
 """
 
 from __future__ import annotations
@@ -35,6 +50,13 @@ from bench.search.spec import SearchSpec
 FINGERPRINT_ATTR = "pmoe_bench"
 _SEED_STRIDE = 1_000_003
 _OPEN_ATTEMPTS = 8
+#: A running trial records a heartbeat this often (seconds).
+HEARTBEAT_SECONDS = 30
+#: A RUNNING trial whose heartbeat is older than this belongs to a dead process (seconds). Above the
+#: interval plus SQLite's lock wait (60 s), so a live process on a busy database is never taken for dead.
+GRACE_SECONDS = 150
+#: States in which a trial holds its point: done, about to run, or running in a live process.
+_HOLDING = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING, TrialState.RUNNING)
 
 
 class SearchStorageError(BenchError):
@@ -52,16 +74,20 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna RDB storage for ``url``; SQLite waits up to a minute for a lock held by another process.
 
     Processes that open a new database at the same moment race to create its tables and version row; the
-    loser's database error (``OperationalError``, ``IntegrityError``) is retried: the tables exist by then."""
+    loser's database error (``OperationalError``, ``IntegrityError``) is retried: the tables exist by then.
+    Heartbeats are on (see the module docstring), so a trial left RUNNING by a dead process can be told
+    from one a live process runs."""
     from sqlalchemy.exc import DBAPIError
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"heartbeat_interval": HEARTBEAT_SECONDS, "grace_period": GRACE_SECONDS}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     attempt = 0
     while True:
         try:
-            return optuna.storages.RDBStorage(url, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, **kwargs)
         except DBAPIError as exc:
             attempt += 1
             if attempt >= _OPEN_ATTEMPTS:
@@ -202,3 +228,31 @@ def finished(study: Study) -> int:
     """Trials that count towards the budget: complete or pruned."""
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
+
+
+def fail_stale(study: Study) -> None:
+    """Mark FAIL the RUNNING trials whose heartbeat stopped more than :data:`GRACE_SECONDS` ago (their
+    process died); trials of live processes, and trials without any heartbeat, are left alone."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def holds(trial: FrozenTrial, point: dict[str, Any]) -> bool:
+    """Whether ``trial`` was made for ``point`` (its enqueued values, else its sampled ones)."""
+    params = trial.system_attrs.get("fixed_params", trial.params)
+    return params.keys() == point.keys() and all(params[k] == v for k, v in point.items())
+
+
+def retry_enqueued(study: Study, points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Enqueue every point no trial holds (COMPLETE, PRUNED, WAITING, or RUNNING in a live process),
+    after failing the trials of dead processes; returns the points enqueued. A point whose trial failed
+    is thus tried again (see the module docstring for the rule)."""
+    fail_stale(study)
+    trials = study.get_trials(deepcopy=False, states=_HOLDING)
+    added: list[dict[str, Any]] = []
+    for point in points:
+        if point not in added and not any(holds(t, point) for t in trials):
+            study.enqueue_trial(point)
+            added.append(point)
+    return added
