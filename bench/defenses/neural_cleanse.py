@@ -9,33 +9,41 @@ public code (bolunwang/backdoor, ``visualizer.py``):
    classified as ``c`` for the defender's clean images, while ``|m|_1`` stays small:
    ``CE(f(x'), c) + lambda * |m|_1``. Both live in [0, 1] through ``tanh(w) / (2 - eps) + 0.5``, start
    from uniform random values, and are trained with Adam (lr 0.1, betas 0.5 and 0.9).
-   ``lambda`` follows their schedule: it starts at ``lambda_init``; after ``patience`` checks in a row
-   with attack success at or above ``success`` it is multiplied by 1.5, after ``patience`` checks below
-   it is divided by 1.5 ** 1.5. Their check is once per epoch over the clean set; we check every
-   :data:`CHECK_EVERY` optimizer steps (the mean success over those steps), so the schedule behaves
-   the same whatever the defender's data size. The kept mask is the smallest one that reached
-   ``success`` at a check (the last one if none did). All classes are optimised together in one
-   batch (independent parameters, so this equals per-class runs) to keep the GPU busy.
+   ``lambda`` follows the authors' schedule (:class:`CostSchedule`): it starts at 0
+   (``visualizer.py: RESET_COST_TO_ZERO = True``), so the mask first grows freely until the attack works,
+   and is set to ``lambda_init`` after ``patience`` checks in a row with attack success at or above
+   ``success``; from then on, ``patience`` successful checks in a row multiply it by 2 and ``patience``
+   failed ones divide it by 2 ** 1.5 (``gtsrb_visualize_example.py: COST_MULTIPLIER = 2``;
+   ``visualizer.py``: down multiplier ``cost_multiplier ** 1.5``). Their check comes after every
+   ``MINI_BATCH = NB_SAMPLE // BATCH_SIZE`` (31) mini-batches and uses the mean success and mask norm over
+   them; we check every :data:`CHECK_EVERY` optimizer steps in the same way, because our step budget
+   (``steps``, 500) is far below theirs (``STEPS = 1000`` checks). The kept mask is the one after the
+   check with the smallest mean norm among those that reached ``success`` (the last one if none did);
+   their early stop is not implemented (``steps`` bounds the work). All classes are optimised together
+   in one batch (independent parameters, so this equals per-class runs) to keep the GPU busy.
 2. Detection (Section IV.C). The anomaly index of a class is ``|n_c - median(n)| / (1.4826 * MAD)`` over
    the mask L1 norms ``n``; classes with index > 2 on the small-norm side are flagged.
-3. Mitigation by unlearning (Section VI.C): fine-tune on the clean data where a share (20%) of the
-   images carry the reverse-engineered trigger of the flagged class but keep their true labels; the
-   paper fine-tunes for 1 epoch. With several flagged classes their triggers take turns. If nothing
+3. Mitigation by unlearning (Section VI.C): fine-tune for 1 epoch on 10% of the training data, 20% of
+   which carry the reverse-engineered trigger of the flagged class with their true labels kept. The
+   defender's data is the unlearning set, so the default ``budget`` is :data:`BUDGET` (0.10), not the
+   0.05 of the fine-tuning defenses. With several flagged classes their triggers take turns. If nothing
    is flagged, the defender has nothing to unlearn and the model is left as it is (``applied = 0``).
 
 CPU cost is about ``steps * classes * batch_size`` forward and backward passes; ``steps`` (500 by
-default, far below the original's epochs of mini-batches) and ``classes`` are the knobs.
+default, far below the original's 1000 x 31 mini-batches) and ``classes`` are the knobs. The loop does
+not wait for the device between steps: the per-class lambdas live on the device and change only at a
+check, where one transfer brings back the window's success rates and norms.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from bench.defenses.base import (
-    DEFAULT_BUDGET,
     Defense,
     DefenseContext,
     DefenseStage,
@@ -48,13 +56,18 @@ from bench.errors import ComponentParamsError
 from bench.models.base import BenchModel
 from bench.registry import register_defense
 
-#: MAD consistency constant for normally distributed norms (Neural Cleanse, Section IV.C).
+#: MAD consistency constant for normally distributed norms (Section IV.C; mad_outlier_detection.py:
+#: consistency_constant = 1.4826). A class is flagged above an anomaly index of 2 (the same file).
 CONSISTENCY = 1.4826
-#: Optimizer steps between two checks of the lambda schedule (their code checks once per epoch).
+#: Optimizer steps between two checks of the lambda schedule (theirs: every 31 mini-batches, see above).
 CHECK_EVERY = 10
-#: Lambda multipliers of the original schedule.
-COST_UP = 1.5
-COST_DOWN = 1.5**1.5
+#: Lambda goes up by this factor (gtsrb_visualize_example.py: COST_MULTIPLIER = 2) ...
+COST_UP = 2.0
+#: ... and down by its power 1.5 (visualizer.py: cost_multiplier_down = cost_multiplier ** 1.5).
+COST_DOWN = COST_UP**1.5
+#: Default share of the training set the defender holds: the paper's unlearning set, 10% of the
+#: training data (Section VI.C).
+BUDGET = 0.10
 #: Keeps tanh(w) / (2 - eps) + 0.5 strictly inside (0, 1) (Keras' epsilon in their code).
 TANH_EPS = 1e-7
 #: Upper bound on images per forward pass while reverse-engineering (classes are split into chunks).
@@ -63,7 +76,9 @@ MAX_CHUNK_IMAGES = 1024
 
 @dataclass(frozen=True)
 class ReverseSpec:
-    """Settings of the reverse-engineering optimisation (the original's defaults)."""
+    """Settings of the reverse-engineering optimisation, with the authors' defaults
+    (gtsrb_visualize_example.py: LR = 0.1, INIT_COST = 1e-3, ATTACK_SUCC_THRESHOLD = 0.99, PATIENCE = 5,
+    BATCH_SIZE = 32). ``steps`` counts optimizer steps (theirs: STEPS = 1000 checks of 31 steps each)."""
 
     steps: int = 500
     lr: float = 0.1
@@ -78,13 +93,15 @@ class ReversedTrigger:
     """A reverse-engineered trigger for class ``target``: ``(1 - mask) * x + mask * pattern``.
 
     mask: ``[H, W]`` in [0, 1]; pattern: ``[C, H, W]`` in [0, 1]; success: share of the defender's
-    clean images it sent to ``target`` at the kept check.
+    clean images it sent to ``target`` at the kept check; log: ``(success, lambda)`` after every check
+    (the authors' ``logs``).
     """
 
     target: int
     mask: torch.Tensor
     pattern: torch.Tensor
     success: float
+    log: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def norm(self) -> float:
@@ -147,9 +164,63 @@ def reverse_engineer(
         model.train(was_training)
 
 
+@dataclass
+class CostSchedule:
+    """The authors' schedule of ``lambda`` for one class (``visualizer.py``, ``Visualizer.visualize``).
+
+    ``update`` is called once per check with the check's attack success. ``lambda`` starts at 0
+    (``RESET_COST_TO_ZERO = True``) and is set to ``init`` after ``patience`` successful checks in a row;
+    after that (and in the same check), ``patience`` successes in a row multiply it by :data:`COST_UP`,
+    ``patience`` failures in a row divide it by :data:`COST_DOWN`.
+    """
+
+    init: float
+    patience: int
+    success: float
+    cost: float = 0.0
+    set_count: int = 0
+    up_count: int = 0
+    down_count: int = 0
+
+    def update(self, rate: float) -> float:
+        """Move the schedule by one check with attack success ``rate``; returns the new ``lambda``."""
+        reached = rate >= self.success
+        if self.cost == 0 and reached:
+            self.set_count += 1
+            if self.set_count >= self.patience:
+                self.cost, self.up_count, self.down_count = self.init, 0, 0
+        else:
+            self.set_count = 0
+        self.up_count, self.down_count = (self.up_count + 1, 0) if reached else (0, self.down_count + 1)
+        if self.up_count >= self.patience:
+            self.up_count, self.cost = 0, self.cost * COST_UP
+        elif self.down_count >= self.patience:
+            self.down_count, self.cost = 0, self.cost / COST_DOWN
+        return self.cost
+
+
+@dataclass
+class _Kept:
+    """The best mask of a class so far: its check's mean norm, mask, pattern and success."""
+
+    norm: float
+    mask: torch.Tensor
+    pattern: torch.Tensor
+    success: float
+
+
+def _batches(n: int, batch: int, gen: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
+    """Endless index batches of ``batch`` out of ``n``: a fresh shuffle per pass, the remainder dropped."""
+    while True:
+        order = torch.randperm(n, generator=gen).to(device)
+        for begin in range(0, n - batch + 1, batch):
+            yield order[begin : begin + batch]
+
+
 def _reverse_chunk(
     model: BenchModel, x: torch.Tensor, classes: list[int], spec: ReverseSpec, seed: int
 ) -> list[ReversedTrigger]:
+    """Optimise the masks and patterns of ``classes`` together; checks every :data:`CHECK_EVERY` steps."""
     k = len(classes)
     c, h, w = x.shape[1:]
     device = x.device
@@ -159,53 +230,57 @@ def _reverse_chunk(
     opt = torch.optim.Adam([mask_w, pattern_w], lr=spec.lr, betas=(0.5, 0.9))
     batch = min(spec.batch_size, len(x))
     targets = torch.tensor(classes, device=device).repeat_interleave(batch)
-    cost = [spec.lambda_init] * k
-    up, down = [0] * k, [0] * k
-    best: list[tuple[float, torch.Tensor, torch.Tensor, float] | None] = [None] * k
-    hits = torch.zeros(k, device=device)
-    last_rate = [0.0] * k
-    order = torch.randperm(len(x), generator=gen).to(device)
-    cursor = 0
+    schedules = [CostSchedule(spec.lambda_init, spec.patience, spec.success) for _ in classes]
+    cost = torch.zeros(k, device=device)  # lambda per class, changed at checks only
+    window = torch.zeros(2, k, device=device)  # summed success and mask L1 since the last check
+    kept: list[_Kept | None] = [None] * k
+    logs: list[list[tuple[float, float]]] = [[] for _ in classes]
+    rates = [0.0] * k
+    batches = _batches(len(x), batch, gen, device)
+    since = 0
     for step in range(1, spec.steps + 1):
-        if cursor + batch > len(x):
-            order = torch.randperm(len(x), generator=gen).to(device)
-            cursor = 0
-        xb = x[order[cursor : cursor + batch]]
-        cursor += batch
+        xb = x[next(batches)]
         mask, pattern = _to_unit(mask_w), _to_unit(pattern_w)
         xa = (1 - mask[:, None]) * xb[None] + mask[:, None] * pattern[:, None]  # [k, B, C, H, W]
         logits = model(xa.flatten(0, 1))
         ce = F.cross_entropy(logits, targets, reduction="none").view(k, batch).mean(1)
         l1 = mask.abs().sum(dim=(1, 2, 3))
-        loss = (ce + torch.tensor(cost, device=device) * l1).sum()
+        loss = (ce + cost * l1).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        hits += (logits.detach().argmax(1) == targets).view(k, batch).float().mean(1)
-        if step % CHECK_EVERY and step != spec.steps:
+        window[0] += (logits.detach().argmax(1) == targets).view(k, batch).float().mean(1)
+        window[1] += l1.detach()
+        since += 1
+        if since < CHECK_EVERY and step != spec.steps:
             continue
-        rate = (hits / (CHECK_EVERY if step % CHECK_EVERY == 0 else step % CHECK_EVERY)).tolist()
-        hits.zero_()
-        norms = l1.detach().tolist()
-        for i in range(k):
-            reached = rate[i] >= spec.success
-            if reached and (best[i] is None or norms[i] < best[i][0]):  # type: ignore[index]
-                best[i] = (norms[i], mask[i, 0].detach().clone(), pattern[i].detach().clone(), rate[i])
-            up[i], down[i] = (up[i] + 1, 0) if reached else (0, down[i] + 1)
-            if up[i] >= spec.patience:
-                up[i], cost[i] = 0, cost[i] * COST_UP
-            elif down[i] >= spec.patience:
-                down[i], cost[i] = 0, cost[i] / COST_DOWN
-        last_rate = rate
-    out = []
+        rates, norms = (window / since).tolist()  # the one host transfer, once per check
+        window.zero_()
+        since = 0
+        _check(schedules, kept, logs, rates, norms, _to_unit(mask_w.detach()), _to_unit(pattern_w.detach()))
+        cost.copy_(torch.tensor([s.cost for s in schedules]))
     final_mask, final_pattern = _to_unit(mask_w).detach(), _to_unit(pattern_w).detach()
+    out = []
     for i, cls in enumerate(classes):
-        kept = best[i]
-        if kept is None:
-            out.append(ReversedTrigger(cls, final_mask[i, 0].clone(), final_pattern[i].clone(), last_rate[i]))
+        best = kept[i]
+        if best is None:
+            out.append(ReversedTrigger(cls, final_mask[i, 0].clone(), final_pattern[i].clone(), rates[i], logs[i]))
         else:
-            out.append(ReversedTrigger(cls, kept[1], kept[2], kept[3]))
+            out.append(ReversedTrigger(cls, best.mask, best.pattern, best.success, logs[i]))
     return out
+
+
+def _check(
+    schedules: list[CostSchedule], kept: list[_Kept | None], logs: list[list[tuple[float, float]]],
+    rates: list[float], norms: list[float], mask: torch.Tensor, pattern: torch.Tensor,
+) -> None:
+    """One check of every class (as the authors' per-step bookkeeping): keep the current mask if it
+    reached the success threshold with a smaller mean norm than the kept one, then move lambda."""
+    for i, schedule in enumerate(schedules):
+        best = kept[i]
+        if rates[i] >= schedule.success and (best is None or norms[i] < best.norm):
+            kept[i] = _Kept(norms[i], mask[i, 0].clone(), pattern[i].clone(), rates[i])
+        logs[i].append((rates[i], schedule.update(rates[i])))
 
 
 def anomaly_indices(norms: torch.Tensor) -> torch.Tensor:
@@ -325,9 +400,10 @@ class NeuralCleanse(Defense):
     Arguments:
         steps (int): Adam steps per class. Default: 500.
         lr (float): Adam learning rate of mask and pattern. Default: 0.1.
-        lambda_init (float): initial weight of the mask's L1 norm. Default: 1e-3.
+        lambda_init (float): weight of the mask's L1 norm once the attack first works (it starts at
+            0). Default: 1e-3.
         success (float): attack success a mask must reach to be kept. Default: 0.99.
-        patience (int): checks before the lambda schedule moves. Default: 5.
+        patience (int): checks in a row before lambda is first set, and before it moves. Default: 5.
         batch_size (int): clean images per step. Default: 32.
         classes (list[int] | None): classes to scan (at least 3); None scans all. Default: None.
         threshold (float): anomaly index above which a small-norm class is flagged. Default: 2.
@@ -335,7 +411,8 @@ class NeuralCleanse(Defense):
             Default: 0.2.
         epochs (int): unlearning epochs. Default: 1.
         unlearn_lr (float | None): unlearning learning rate; None uses the scenario's ``train.lr``.
-        budget (float): share of the clean training set the defender holds. Default: 0.05.
+        budget (float): share of the clean training set the defender holds, scanned and then used as
+            the unlearning set (the paper's: 10% of the training data). Default: 0.1.
 
     Stages: "detected" (no weights; ``flagged_class`` (-1 if none), ``anomaly_index``, mask norms, and
     ``correct_flag`` when the attack is known) and "unlearned" (weights).
@@ -357,7 +434,7 @@ class NeuralCleanse(Defense):
         unlearn_share: float = 0.2,
         epochs: int = 1,
         unlearn_lr: float | None = None,
-        budget: float = DEFAULT_BUDGET,
+        budget: float = BUDGET,
     ) -> None:
         self.spec = ReverseSpec(steps, lr, lambda_init, success, patience, batch_size)
         check_reverse(self.name, self.spec)
