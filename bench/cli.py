@@ -98,10 +98,18 @@ def _plan_table(summary: dict[str, object]) -> Table:
     table.add_column("done", justify="right")
     table.add_column("to run", justify="right")
     table.add_row("cells", str(summary["cells"]), "", "")
+    if summary.get("not_applicable"):
+        table.add_row("  of which n/a (no job)", str(summary["not_applicable"]), "", "")
     for kind, counts in summary["jobs"].items():  # type: ignore[union-attr]
         table.add_row(f"{kind} jobs", str(counts["total"]), str(counts["done"]), str(counts["total"] - counts["done"]))
     table.add_row("training images to process", "", "", f"{summary['pending_training_images']:,}")
     return table
+
+
+def _not_applicable_lines(summary: dict[str, object]) -> list[str]:
+    """One line per reason a cell is n/a, with its count."""
+    reasons = summary.get("not_applicable_reasons") or {}
+    return [f"n/a ({count} cells): {reason}" for reason, count in reasons.items()]  # type: ignore[union-attr]
 
 
 @app.command()
@@ -127,6 +135,8 @@ def plan(
         out.print_json(json.dumps(summary))
     else:
         err.print(_plan_table(summary))
+        for line in _not_applicable_lines(summary):
+            err.print(escape(line), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -145,15 +155,20 @@ def run(
     = "local",
     address: Annotated[str | None, typer.Option("--address", help="With --executor ray: the cluster's address "
                                                 "(auto, ray://host:10001); default: a local Ray cluster.")] = None,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Run the jobs recorded as failed "
+                                               "(diverged, out of memory) again.")] = False,
 ) -> None:
-    """Run a scenario: train, evaluate, write the report. Resumes whatever is already stored."""
+    """Run a scenario: train, evaluate, write the report. Resumes whatever is already stored.
+
+    Exit code 0 when every job succeeded (or is not applicable), 1 when some job failed (the rest still
+    ran; the report shows the failed cells), 2 for a mistake in the scenario or options."""
     if dry_run:
         plan(scenario, as_json=as_json, runs_dir=runs_dir, plugins=plugins)
         return
     try:
         with RichReporter(err) as reporter:
             outcome = runner.run(scenario, runs_dir, reports_dir, fresh, device, plugins, reporter, workers,
-                                 executor, address)
+                                 executor, address, retry_failed)
     except BenchError as exc:
         raise _fail(exc) from None
     except KeyboardInterrupt:
@@ -165,6 +180,12 @@ def run(
         f"report: [bold]{outcome.report_path}[/]"
     )
     typer.echo(runner.render(outcome.store, "md"))
+    if outcome.failed:
+        err.print(f"[bold red]{len(outcome.failed)} job(s) failed[/] (the report shows their cells as failed; "
+                  "`bench run --retry-failed` runs them again):", highlight=False)
+        for line in runner.failure_lines(outcome.store, outcome.failed):
+            err.print(f"  {escape(line)}", highlight=False)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -33,3 +33,26 @@ class StoreError(BenchError):
 
 class DataError(BenchError):
     """A data set that cannot be found or loaded (missing files, download disabled)."""
+
+
+class JobFailed(Exception):
+    """A job that ran and produced no usable result (a diverged training, a run out of memory).
+
+    Not a :class:`BenchError`: the scenario is fine, this one job is not. The executor records the job as
+    failed (``metrics["failed"]`` = the reason), skips the jobs that need its output and runs the rest of
+    the matrix; the run then ends with exit code 1 naming the failed jobs.
+    """
+
+    def __init__(self, reason: str, **details: object) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.details = details
+
+
+class TrainingDiverged(JobFailed):
+    """A training (or fine-tuning) whose loss became NaN or infinite: its model is not a result."""
+
+    def __init__(self, epoch: int, loss: float) -> None:
+        super().__init__(f"training diverged: mean loss {loss} in epoch {epoch}", failed_epoch=epoch)
+        self.epoch = epoch
+        self.loss = loss

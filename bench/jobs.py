@@ -14,6 +14,7 @@ from bench.attacks import build_attack_trigger
 from bench.attacks.base import Trigger
 from bench.attacks.poison import poison_training_set
 from bench.data.base import TensorData
+from bench.errors import JobFailed
 from bench.evaluate import evaluate
 from bench.models.base import BenchModel
 from bench.plan import Job
@@ -77,8 +78,10 @@ def build_model(spec: dict[str, Any], data: TensorData) -> BenchModel:
 
 
 def build_trigger(attack: dict[str, Any], model: BenchModel) -> Trigger:
-    """The attack's trigger as applied to ``model`` (BadPatches uses the model's routing grid)."""
-    return build_attack_trigger(attack["name"], attack["params"], attack["apply"], model.patch_grid)
+    """The attack's trigger as applied to ``model`` (BadPatches: per patch of the attack's ``trigger_grid``,
+    else of the model's routing grid)."""
+    return build_attack_trigger(attack["name"], attack["params"], attack["apply"], model.patch_grid,
+                                attack.get("trigger_grid"))
 
 
 def run_train(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
@@ -131,10 +134,6 @@ def run_train(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
 def run_evaluate(spec: dict[str, Any], deps: tuple[str, ...], ctx: JobContext) -> JobOutput:
     """Evaluate a stored model: BA, and ASR/RA for its attack."""
     data = ctx.dataset(spec["dataset"])
-    if spec.get("stage") is not None:
-        source = ctx.store.get(deps[0])
-        if source is not None and "not_applicable" in source.metrics:
-            return JobOutput({"not_applicable": source.metrics["not_applicable"]})
     model = build_model(spec["model"], data).to(ctx.device)
     model.load_state_dict(ctx.store.load_state(deps[0], spec.get("stage")))
     attack = spec["attack"]
@@ -207,5 +206,41 @@ RUNNERS: dict[str, Callable[[Job, JobContext], JobOutput]] = {
 
 
 def run_job(job: Job, ctx: JobContext) -> JobOutput:
-    """Dispatch a job to the function of its kind."""
-    return RUNNERS[job.kind](job, ctx)
+    """Dispatch a job to the function of its kind.
+
+    A job whose input failed or was not applicable inherits that outcome without running. A job that
+    fails (:class:`JobFailed`: a diverged loss; or out of memory) returns ``{"failed": reason, ...}``
+    metrics: the executor records it like any finished job, so the rest of the matrix still runs and
+    a resume does not repeat it (``bench run --retry-failed`` does)."""
+    inherited = inherited_outcome(job, ctx.store)
+    if inherited is not None:
+        return JobOutput(inherited)
+    try:
+        return RUNNERS[job.kind](job, ctx)
+    except JobFailed as exc:
+        return JobOutput({"failed": exc.reason, **exc.details})
+    except torch.OutOfMemoryError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
+        return JobOutput({"failed": f"out of memory on {ctx.device}: {first}"})
+
+
+def inherited_outcome(job: Job, store: Store) -> dict[str, Any] | None:
+    """``{"failed": ...}`` or ``{"not_applicable": ...}`` when an input of ``job`` ended so, else None."""
+    for dep in job.deps:
+        record = store.get(dep)
+        if record is None:
+            continue
+        if "failed" in record.metrics:
+            return {"failed": f"input job {dep} failed: {record.metrics['failed']}", "failed_input": dep}
+        if "not_applicable" in record.metrics:
+            return {"not_applicable": record.metrics["not_applicable"]}
+    return None
+
+
+def job_status(metrics: dict[str, Any]) -> str:
+    """``failed``, ``n/a`` or ``ok``: how a recorded job ended."""
+    if "failed" in metrics:
+        return "failed"
+    if "not_applicable" in metrics:
+        return "n/a"
+    return "ok"

@@ -17,9 +17,12 @@ import gc
 import hashlib
 import itertools
 import json
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from bench import applicability
+from bench.errors import ScenarioError
 from bench.registry import REGISTRY
 from bench.scenario import ResolvedScenario
 
@@ -107,6 +110,8 @@ class Cell:
     quant: dict[str, Any] | None = None
     defense: dict[str, Any] | None = None
     base_eval_job: str | None = None  # the same attacked model before the defense (for DER)
+    #: why this cell cannot run (planned without a job: its own job ids are empty), None when it can
+    not_applicable: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A shallow dict (component specs are shared, not copied: cells of a large matrix are many)."""
@@ -137,9 +142,12 @@ class Plan:
             k["total"] += 1
             k["done"] += job.id in done
         pending_images = sum(train_images(job.spec) for job in self.jobs if job.kind == "train" and job.id not in done)
+        reasons = Counter(c.not_applicable for c in self.cells if c.not_applicable)
         return {
             "scenario": self.name,
             "cells": len(self.cells),
+            "not_applicable": sum(reasons.values()),
+            "not_applicable_reasons": dict(reasons.most_common()),
             "jobs": kinds,
             "pending_jobs": sum(1 for job in self.jobs if job.id not in done),
             "pending_training_images": pending_images,
@@ -156,19 +164,62 @@ def train_images(spec: dict[str, Any]) -> int:
 
 
 def build(resolved: ResolvedScenario) -> Plan:
-    """Expand the scenario's matrix into cells and deduplicated jobs."""
+    """Expand the scenario's matrix into cells and deduplicated jobs, after checking every combination
+    that can be checked without data (:mod:`bench.applicability`): mistakes raise :class:`ScenarioError`
+    naming the file and field, combinations that cannot run become not-applicable cells without jobs."""
+    try:
+        geometries = _geometries(resolved)
+    except ScenarioError as exc:
+        raise ScenarioError(f"{resolved.source}: {exc}") from None
     # A big matrix creates ~10^5 cells and jobs and no reference cycles: the cyclic collector's passes over
     # them would be a third of the time, so it waits until the plan is built.
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _build(resolved)
+        return _build(resolved, geometries)
     finally:
         if enabled:
             gc.enable()
 
 
-def _build(resolved: ResolvedScenario) -> Plan:
+@dataclass
+class _PairChecks:
+    """What applies to one data set x model: n/a reasons per attack, quant config and defense (None = runs)."""
+
+    attacks: list[str | None]
+    quant: list[str | None]
+    defenses: list[str | None]
+
+
+def _geometries(resolved: ResolvedScenario) -> dict[tuple[int, int], _PairChecks]:
+    """Check every data set x model x attack / quant config / defense; n/a reasons per pair."""
+    origins = resolved.origins
+    out: dict[tuple[int, int], _PairChecks] = {}
+    for di, dataset in enumerate(resolved.datasets):
+        for mi, model in enumerate(resolved.models):
+            where = f"models[{_origin(origins, 'models', mi)}]"
+            geo = applicability.geometry(dataset, model, where)
+            if geo is None:  # a data set that declares no shape: checked when it is loaded
+                out[(di, mi)] = _PairChecks([None] * len(resolved.attacks), [None] * len(resolved.quant),
+                                            [None] * len(resolved.defenses))
+                continue
+            attacks = []
+            for ai, attack in enumerate(resolved.attacks):
+                a_where = f"attacks[{_origin(origins, 'attacks', ai)}]"
+                applicability.check_target(attack, geo, dataset["name"], a_where)
+                attacks.append(applicability.attack_not_applicable(attack, geo, model["name"], a_where))
+            quant = [applicability.quant_not_applicable(q, geo, model["name"]) for q in resolved.quant]
+            defenses = [applicability.defense_not_applicable(d, geo, model["name"]) for d in resolved.defenses]
+            out[(di, mi)] = _PairChecks(attacks, quant, defenses)
+    return out
+
+
+def _origin(origins: dict[str, list[int]], field: str, index: int) -> int:
+    found = origins.get(field)
+    return found[index] if found and index < len(found) else index
+
+
+def _build(resolved: ResolvedScenario, checks: dict[tuple[int, int], _PairChecks]) -> Plan:
     plan = Plan(resolved.name)
     jobs: dict[str, Job] = {}
     memo: dict[int, tuple[Any, str]] = {}
@@ -182,8 +233,9 @@ def _build(resolved: ResolvedScenario) -> Plan:
     evals: dict[tuple[Any, ...], list[str]] = {}
 
     def evaluations(source: str, attack: dict[str, Any] | None, stage: str | None, dataset: dict[str, Any],
-                    model: dict[str, Any], train: dict[str, Any]) -> list[str]:
-        """The evaluation job of ``source`` (a trained or defended model) at every quant config, in order.
+                    model: dict[str, Any], train: dict[str, Any], quant_na: list[str | None]) -> list[str]:
+        """The evaluation job of ``source`` (a trained or defended model) at every quant config, in order
+        ("" where the config is not applicable to the model).
 
         A big matrix has ~100k of them; those of one model share their hashed text up to the spec's "quant"
         key (keys sort), so each one hashes only its quant config and stage (the ids job_id gives)."""
@@ -196,7 +248,10 @@ def _build(resolved: ResolvedScenario) -> Plan:
         prefix = hashlib.sha256(f'{{"deps": [{_STR(source)}], "kind": "evaluate", "spec": {{{head}'.encode())
         tail = (f', "stage": {_STR(stage)}' if stage is not None else "") + f'}}, "v": {JOB_SCHEMA_VERSION}}}'
         ids = []
-        for quant, quant_text in zip(resolved.quant, quant_texts, strict=True):
+        for quant, quant_text, na in zip(resolved.quant, quant_texts, quant_na, strict=True):
+            if na is not None:
+                ids.append("")
+                continue
             digest = prefix.copy()
             digest.update(f', "quant": {quant_text}{tail}'.encode())
             jid = f"ev-{digest.hexdigest()[:16]}"
@@ -213,38 +268,68 @@ def _build(resolved: ResolvedScenario) -> Plan:
     attacks: list[tuple[dict[str, Any] | None, float | None]] = [(None, None)]
     attacks += [(attack, rate) for attack in resolved.attacks for rate in scenario.poison_rates]
     stages = {d["name"]: defense_stages(d["name"]) for d in resolved.defenses}
-    for dataset, model, train, seed in itertools.product(
-        resolved.datasets, resolved.models, resolved.train, scenario.seeds
+    attack_index = {id(a): i for i, a in enumerate(resolved.attacks)}
+    for (di, dataset), (mi, model), train, seed in itertools.product(
+        enumerate(resolved.datasets), enumerate(resolved.models), resolved.train, scenario.seeds
     ):
+        pair = checks[(di, mi)]
         fit = {k: v for k, v in train.items() if k not in EVAL_ONLY_TRAIN_KEYS}
         base = {"dataset": dataset, "model": model, "train": fit, "seed": seed}
         clean_train = add("train", {**base, "attack": None, "poison_rate": None})
-        clean_evals = evaluations(clean_train, None, None, dataset, model, train)
+        clean_evals = evaluations(clean_train, None, None, dataset, model, train, pair.quant)
         for attack, rate in attacks:
+            attack_na = None if attack is None else pair.attacks[attack_index[id(attack)]]
+            if attack_na is not None:  # planned as n/a: no training, no evaluation, no defense
+                _not_applicable_cells(plan, resolved, stages, dataset, model, attack, rate, seed, train,
+                                      clean_evals, attack_na)
+                continue
             train_job = (
                 clean_train if attack is None else add("train", {**base, "attack": attack, "poison_rate": rate})
             )
-            trained_evals = evaluations(train_job, attack, None, dataset, model, train)
-            for quant, own, clean in zip(resolved.quant, trained_evals, clean_evals, strict=True):
-                plan.cells.append(Cell(dataset, model, attack, rate, seed, train, train_job, own, clean, quant))
+            trained_evals = evaluations(train_job, attack, None, dataset, model, train, pair.quant)
+            for quant, own, clean, na in zip(resolved.quant, trained_evals, clean_evals, pair.quant, strict=True):
+                plan.cells.append(Cell(dataset, model, attack, rate, seed, train, train_job if na is None else "",
+                                       own, clean, quant, not_applicable=na))
             if attack is None:
                 continue
-            for defense in resolved.defenses:
-                defend_job = add("defend", {**base, "attack": attack, "poison_rate": rate, "defense": defense},
-                                 (train_job,))
-                plan.defenses.append({"dataset": dataset, "model": model, "attack": attack, "poison_rate": rate,
-                                      "seed": seed, "train": train, "defense": defense, "job": defend_job})
+            for defense, defense_na in zip(resolved.defenses, pair.defenses, strict=True):
+                if defense_na is None:
+                    defend_job = add("defend", {**base, "attack": attack, "poison_rate": rate, "defense": defense},
+                                     (train_job,))
+                    plan.defenses.append({"dataset": dataset, "model": model, "attack": attack,
+                                          "poison_rate": rate, "seed": seed, "train": train, "defense": defense,
+                                          "job": defend_job})
                 for stage in stages[defense["name"]]:
-                    defended = evaluations(defend_job, attack, stage, dataset, model, train)
                     staged = {**defense, "stage": stage}
-                    for quant, own, clean, before in zip(
-                        resolved.quant, defended, clean_evals, trained_evals, strict=True
+                    if defense_na is not None:
+                        for quant, clean, before in zip(resolved.quant, clean_evals, trained_evals, strict=True):
+                            plan.cells.append(Cell(dataset, model, attack, rate, seed, train, "", "", clean, quant,
+                                                   staged, before, not_applicable=defense_na))
+                        continue
+                    defended = evaluations(defend_job, attack, stage, dataset, model, train, pair.quant)
+                    for quant, own, clean, before, na in zip(
+                        resolved.quant, defended, clean_evals, trained_evals, pair.quant, strict=True
                     ):
-                        plan.cells.append(Cell(dataset, model, attack, rate, seed, train, train_job, own, clean,
-                                               quant, staged, before))
+                        plan.cells.append(Cell(dataset, model, attack, rate, seed, train,
+                                               train_job if na is None else "", own, clean, quant, staged, before,
+                                               not_applicable=na))
     order = {"train": 0, "defend": 1, "evaluate": 2}
     plan.jobs = sorted(jobs.values(), key=lambda j: order.get(j.kind, 9))
     return plan
+
+
+def _not_applicable_cells(plan: Plan, resolved: ResolvedScenario, stages: dict[str, tuple[str, ...]],
+                          dataset: dict[str, Any], model: dict[str, Any], attack: dict[str, Any],
+                          rate: float | None, seed: int, train: dict[str, Any], clean_evals: list[str],
+                          reason: str) -> None:
+    """The cells of an attack that cannot apply to the model: every quant config and defense stage, n/a."""
+    for quant, clean in zip(resolved.quant, clean_evals, strict=True):
+        plan.cells.append(Cell(dataset, model, attack, rate, seed, train, "", "", clean, quant,
+                               not_applicable=reason))
+        for defense in resolved.defenses:
+            for stage in stages[defense["name"]]:
+                plan.cells.append(Cell(dataset, model, attack, rate, seed, train, "", "", clean, quant,
+                                       {**defense, "stage": stage}, "", not_applicable=reason))
 
 
 def defense_stages(name: str) -> tuple[str, ...]:

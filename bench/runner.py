@@ -6,7 +6,6 @@ The CLI is a thin skin over these functions; tests and notebooks call them direc
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from bench.execute.local import ExecutionSummary, Reporter, execute
 from bench.execute.pool import execute_parallel
 from bench.execute.ray_cluster import execute_ray
 from bench.jobs import DatasetCache, JobContext
-from bench.store import JobRecord, Store, git_commit, open_existing
+from bench.store import JobRecord, Store, git_commit, open_existing, remove_store
 from bench.train import resolve_device
 
 
@@ -54,6 +53,7 @@ def check_data(prepared: Prepared, dataset_of: DatasetOf) -> None:
     and check attack targets against its classes."""
     for dataset in prepared.resolved.datasets:
         data = dataset_of(dataset)
+        _check_declared(dataset, data)
         for i, attack in enumerate(prepared.resolved.attacks):
             if attack["target"] >= data.num_classes:
                 raise ScenarioError(
@@ -61,6 +61,21 @@ def check_data(prepared: Prepared, dataset_of: DatasetOf) -> None:
                     f"{attack['target']} is not a class of dataset '{dataset['name']}' "
                     f"(valid: 0..{data.num_classes - 1})"
                 )
+
+
+def _check_declared(dataset: dict[str, Any], data: TensorData) -> None:
+    """The loaded data set must be what it declared to the planner (shape, classes): plans were checked
+    against the declaration."""
+    from bench.data.info import declared_info
+    from bench.registry import REGISTRY
+
+    info = declared_info(REGISTRY.get("dataset", dataset["name"]).factory,
+                         {k: v for k, v in dataset.items() if k != "name"})
+    if info is not None and (info.input_shape != data.input_shape or info.num_classes != data.num_classes):
+        raise BenchError(
+            f"dataset '{dataset['name']}' declares {info.num_classes} classes of {info.input_shape} images but "
+            f"loaded {data.num_classes} classes of {data.input_shape}; its `info` declaration must match its data"
+        )
 
 
 PICTURE_IMAGES = 4
@@ -115,6 +130,7 @@ class RunOutcome:
     summary: ExecutionSummary
     report_path: Path
     store: Store
+    failed: list[str]  # jobs of the plan recorded as failed (now or in an earlier run)
 
 
 def run(
@@ -128,6 +144,7 @@ def run(
     workers: int = 1,
     executor: str = "local",
     address: str | None = None,
+    retry_failed: bool = False,
 ) -> RunOutcome:
     """Run a scenario to completion (resuming whatever the store already holds) and write its report;
     ``workers > 1`` runs independent jobs at once in worker processes (:mod:`bench.execute.pool`);
@@ -140,9 +157,11 @@ def run(
         raise BenchError("--workers: the Ray executor runs as many jobs as the cluster has room for; drop --workers")
     prepared = prepare(path, plugins)
     root = store_dir(runs_dir, prepared.resolved.name)
-    if fresh and root.exists():
-        shutil.rmtree(root)
+    if fresh:
+        remove_store(root)  # only what a store wrote, and only a folder that is one
     store = Store(root)
+    if retry_failed:
+        store.delete(failed_jobs(prepared.plan, store))
     dev = resolve_device(device or prepared.resolved.scenario.device)
     store.set_meta("scenario", prepared.resolved.scenario.model_dump())
     store.set_meta("source", prepared.resolved.source)
@@ -166,7 +185,23 @@ def run(
     else:
         summary = execute(prepared.plan, store, dev, reporter, ctx=ctx)
     report_path = write_report(store, Path(reports_dir) / f"{prepared.resolved.name}.md")
-    return RunOutcome(summary, report_path, store)
+    return RunOutcome(summary, report_path, store, failed_jobs(prepared.plan, store))
+
+
+def failed_jobs(plan: planning.Plan, store: Store) -> list[str]:
+    """Ids of the plan's jobs recorded as failed (their own failure or an input's), in plan order."""
+    records = store.records([job.id for job in plan.jobs])
+    return [job.id for job in plan.jobs if job.id in records and "failed" in records[job.id].metrics]
+
+
+def failure_lines(store: Store, ids: list[str], limit: int = 10) -> list[str]:
+    """One line per failed job that failed on its own (not through an input), at most ``limit``."""
+    records = store.records(ids)
+    own = [records[i] for i in ids if i in records and "failed_input" not in records[i].metrics]
+    lines = [f"{r.id} ({r.kind}): {r.metrics['failed']}" for r in own[:limit]]
+    if len(own) > limit:
+        lines.append(f"... and {len(own) - limit} more")
+    return lines
 
 
 def report_rows(store: Store) -> tuple[list[reporting.Row], dict[str, Any]]:
@@ -175,8 +210,9 @@ def report_rows(store: Store) -> tuple[list[reporting.Row], dict[str, Any]]:
     if cells is None:
         raise BenchError(f"{store.root}: this store holds no plan yet; run `bench run SCENARIO` first")
     defenses = store.get_meta("defenses", [])
-    ids = sorted({c["eval_job"] for c in cells} | {c["clean_eval_job"] for c in cells}
-                 | {c["base_eval_job"] for c in cells if c.get("base_eval_job")} | {d["job"] for d in defenses})
+    ids = sorted(({c["eval_job"] for c in cells} | {c["clean_eval_job"] for c in cells}
+                  | {c["base_eval_job"] for c in cells if c.get("base_eval_job")} | {d["job"] for d in defenses})
+                 - {""})  # n/a cells have no job
     records = store.records(ids)
     scenario = store.get_meta("scenario") or {}
     meta = {

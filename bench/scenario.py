@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ from bench.errors import BenchError, ComponentParamsError, ScenarioError, Unknow
 from bench.registry import REGISTRY
 
 GRID_KEY = "grid"
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 
 
 class _Strict(BaseModel):
@@ -95,11 +97,14 @@ class AttackEntry(ComponentEntry):
     """A trigger-based poisoning attack: the trigger's name and parameters, plus how it is applied.
 
     ``apply: image`` stamps the trigger on the whole image; ``apply: badpatches`` applies it to every
-    patch of the model's routing grid (the BadPatches paper). ``target`` is the all-to-one target label.
+    patch of a grid: the model's routing grid, or ``trigger_grid`` (``4`` = 4x4 patches, or ``[rows, cols]``;
+    the BadPatches paper's text splits a 32x32 image into 16 patches of 8x8). ``target`` is the all-to-one
+    target label.
     """
 
     target: int | dict[str, Any] = 0
     apply: Literal["image", "badpatches"] | dict[str, Any] = "image"
+    trigger_grid: int | list[int] | dict[str, Any] | None = None
     objective: dict[str, Any] | None = None
 
 
@@ -124,10 +129,17 @@ class Reference(_Strict):
     values: list[ReferenceValue] = Field(default_factory=list)
 
 
+class ReportSpec(_Strict):
+    """How the report aggregates: ``min_seeds`` = seeds a leaderboard entry needs (default: every seed of
+    the scenario), the same seeds for its ASR and its CAD."""
+
+    min_seeds: int | None = Field(None, ge=1)
+
+
 class Scenario(_Strict):
     """The whole study. See README for every field."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str
     description: str = ""
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     device: str = "auto"
@@ -139,8 +151,21 @@ class Scenario(_Strict):
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
     defenses: list[ComponentEntry] = Field(default_factory=list)
     reference: Reference | None = None
+    report: ReportSpec = Field(default_factory=ReportSpec)
     plugins: list[str] = Field(default_factory=list)
     search: dict[str, Any] | None = None  # read by `bench search` (bench.search.spec); `bench run` ignores it
+
+    @field_validator("name")
+    @classmethod
+    def _plain_folder_name(cls, name: str) -> str:
+        """The store is ``runs/<name>``: a plain folder name (letters, digits, ``_ - .``, not starting with a
+        dot), so ``.``, ``..``, hidden names and paths can never point a store, or ``--fresh``, elsewhere."""
+        if not NAME_PATTERN.fullmatch(name):
+            raise ValueError(
+                "must be a plain folder name: letters, digits, '_', '-' and '.', not starting with '.' "
+                "(at most 128 characters), e.g. my_study"
+            )
+        return name
 
     @field_validator("poison_rates")
     @classmethod
@@ -177,6 +202,9 @@ class ResolvedScenario(BaseModel):
     quant: list[dict[str, Any]]
     defenses: list[dict[str, Any]] = Field(default_factory=list)
     plugin_files: list[str] = Field(default_factory=list)  # absolute paths of the plugin files it loaded
+    #: for models / datasets / attacks / defenses: the scenario entry each resolved component came from
+    #: (its index in the file's list), so plan-time messages can name ``models[1].topk``
+    origins: dict[str, list[int]] = Field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -286,10 +314,10 @@ def resolve(
 
         plugin_files = load_plugins([*scenario.plugins, *(extra_plugins or [])], base_dir=base_dir, source=source)
         train = _resolve_train(scenario.train)
-        models = _resolve_components("model", "models", scenario.models)
-        datasets = _resolve_components("dataset", "datasets", scenario.datasets)
-        attacks = _resolve_attacks(scenario.attacks)
-        defenses = _resolve_components("defense", "defenses", scenario.defenses)
+        models, model_origins = _resolve_components("model", "models", scenario.models)
+        datasets, dataset_origins = _resolve_components("dataset", "datasets", scenario.datasets)
+        attacks, attack_origins = _resolve_attacks(scenario.attacks)
+        defenses, defense_origins = _resolve_components("defense", "defenses", scenario.defenses)
     except (ComponentParamsError, UnknownComponentError, ScenarioError) as exc:
         raise ScenarioError(f"{source}: {exc}") from None
     except BenchError:
@@ -297,6 +325,8 @@ def resolve(
     return ResolvedScenario(
         scenario=scenario, source=source, train=train, models=models, datasets=datasets, attacks=attacks,
         quant=scenario.quantization.configs(), defenses=defenses, plugin_files=[str(p) for p in plugin_files],
+        origins={"models": model_origins, "datasets": dataset_origins, "attacks": attack_origins,
+                 "defenses": defense_origins},
     )
 
 
@@ -318,20 +348,35 @@ def _prefix(exc: ValidationError, where: str) -> str:
     return "; ".join(parts)
 
 
-def _resolve_components(kind: str, field: str, entries: list[ComponentEntry]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
+def _resolve_components(
+    kind: str, field: str, entries: list[ComponentEntry]
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Concrete components (grids expanded, defaults filled, duplicates dropped) and the entry index of each."""
+    out: list[tuple[dict[str, Any], int]] = []
     for i, entry in enumerate(entries):
         where = f"{field}[{i}]"
         params = entry.model_dump(exclude={"name"})
         _check_grids(params, where)
         comp = _get_component(kind, entry.name, f"{where}.name")
         for concrete in expand_grid(params):
-            out.append({"name": comp.name, **comp.validate(concrete, where)})
-    return _unique(out)
+            out.append(({"name": comp.name, **comp.validate(concrete, where)}, i))
+    return _unique_with_origin(out)
 
 
-def _resolve_attacks(entries: list[AttackEntry]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
+def _unique_with_origin(items: list[tuple[dict[str, Any], int]]) -> tuple[list[dict[str, Any]], list[int]]:
+    seen: set[str] = set()
+    unique, origins = [], []
+    for item, origin in items:
+        key = json.dumps(item, sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            unique.append(item)
+            origins.append(origin)
+    return unique, origins
+
+
+def _resolve_attacks(entries: list[AttackEntry]) -> tuple[list[dict[str, Any]], list[int]]:
+    out: list[tuple[dict[str, Any], int]] = []
     for i, entry in enumerate(entries):
         where = f"attacks[{i}]"
         params = entry.model_dump(exclude={"name", "objective"})
@@ -340,16 +385,34 @@ def _resolve_attacks(entries: list[AttackEntry]) -> list[dict[str, Any]]:
         objectives = _resolve_objective(entry.objective, f"{where}.objective")
         for concrete, objective in itertools.product(expand_grid(params), objectives):
             target, apply = concrete.pop("target"), concrete.pop("apply")
+            trigger_grid = _trigger_grid(concrete.pop("trigger_grid"), apply, f"{where}.trigger_grid")
             if not isinstance(target, int) or isinstance(target, bool) or target < 0:
                 raise ScenarioError(f"{where}.target: must be a class label >= 0, got {target!r}")
             if apply not in ("image", "badpatches"):
                 raise ScenarioError(f"{where}.apply: must be 'image' or 'badpatches', got {apply!r}")
             params_v = comp.validate(concrete, where)
             attack = {"name": comp.name, "target": target, "apply": apply, "params": params_v}
+            if trigger_grid is not None:  # absent when unset, so older job ids stay valid
+                attack["trigger_grid"] = trigger_grid
             if objective is not None:
                 attack["objective"] = objective
-            out.append(attack)
-    return _unique(out)
+            out.append((attack, i))
+    return _unique_with_origin(out)
+
+
+def _trigger_grid(value: Any, apply: Any, where: str) -> list[int] | None:
+    """``trigger_grid`` as ``[rows, cols]`` (an int n means n x n); only meaningful under badpatches."""
+    if value is None:
+        return None
+    if apply != "badpatches":
+        raise ScenarioError(f"{where}: only used with apply: badpatches (the grid the trigger is applied per "
+                            f"patch of), got apply {apply!r}")
+    grid = [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if (not isinstance(grid, list) or len(grid) != 2
+            or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)):
+        raise ScenarioError(f"{where}: must be a number of patches per side (e.g. 4) or [rows, cols] of "
+                            f"integers >= 1, got {value!r}")
+    return [int(g) for g in grid]
 
 
 def _resolve_objective(objective: dict[str, Any] | None, where: str) -> list[dict[str, Any] | None]:

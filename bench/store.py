@@ -9,8 +9,10 @@ so every number can be traced and reproduced.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import time
@@ -79,6 +81,12 @@ def git_commit() -> str:
     return f"{out}+dirty" if dirty else out
 
 
+#: The file every store writes into its folder: what ``bench run --fresh`` checks before deleting anything.
+MARKER = ".pmoe-bench-store"
+#: What a store writes into its folder (and ``bench analyze`` beside it): all that ``--fresh`` removes.
+STORE_FILES = ("results.db", "results.db-wal", "results.db-shm", "artifacts", "analysis", MARKER)
+
+
 class Store:
     """A run directory. Safe for several writer processes (SQLite WAL, short transactions)."""
 
@@ -90,6 +98,10 @@ class Store:
             self.artifacts.mkdir(parents=True, exist_ok=True)
             with self._connect() as conn:
                 conn.executescript(SCHEMA)
+            marker = self.root / MARKER
+            if not marker.exists():
+                marker.write_text(json.dumps({"written_by": "pmoe-bench", "version": __version__}) + "\n",
+                                  encoding="utf-8")
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"{self.db_path}: cannot open the results store: {exc}") from None
         self._commit = git_commit()
@@ -139,6 +151,18 @@ class Store:
                 conn.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.db_path}: cannot write job {job_id}: {exc}") from None
+
+    def delete(self, ids: list[str]) -> None:
+        """Forget the rows of ``ids`` (their jobs run again on the next ``bench run``)."""
+        try:
+            with self._connect() as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start : start + 500]
+                    conn.execute(f"DELETE FROM jobs WHERE id IN ({','.join('?' * len(chunk))})", tuple(chunk))
+                conn.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.db_path}: cannot delete rows: {exc}") from None
 
     def get(self, job_id: str) -> JobRecord | None:
         rows = self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))
@@ -198,6 +222,46 @@ def _to_record(row: tuple[Any, ...]) -> JobRecord:
         id=row[0], kind=row[1], spec=json.loads(row[2]), deps=json.loads(row[3]), metrics=json.loads(row[4]),
         artifact=row[5], seconds=row[6], device=row[7], version=row[8], git_commit=row[9], finished_at=row[10],
     )
+
+
+def is_store(root: Path) -> bool:
+    """Whether ``root`` holds a store pmoe-bench wrote: its marker, or (stores older than the marker) a
+    ``results.db`` with exactly the store's tables."""
+    if (root / MARKER).is_file():
+        return True
+    db = root / "results.db"
+    if not db.is_file():
+        return False
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return False
+    return tables == {"jobs", "meta"}
+
+
+def remove_store(root: Path) -> None:
+    """Delete what a store wrote into ``root`` (:data:`STORE_FILES`), nothing else; ``root`` itself only
+    when that leaves it empty. Refuses a folder that is not a store, whatever it holds."""
+    if not root.exists():
+        return
+    if not root.is_dir() or root.is_symlink() or not is_store(root):
+        raise StoreError(
+            f"{root}: not a pmoe-bench results store (no {MARKER} file, no results.db of ours); --fresh deletes "
+            "only stores pmoe-bench created, so nothing was deleted. Choose another scenario name or --runs-dir, "
+            "or remove the folder yourself"
+        )
+    for name in STORE_FILES:
+        path = root / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+    with contextlib.suppress(OSError):
+        root.rmdir()  # only if empty: whatever else the user keeps there stays
 
 
 def open_existing(root: str | Path) -> Store:

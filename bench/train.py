@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.errors import TrainingDiverged
+
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 EpochCallback = Callable[[int, int, float], None]
 
@@ -86,6 +88,8 @@ def fit(
     """Train ``model`` in place on ``(x, y)`` (already on the model's device) with settings ``cfg``
     (a resolved :class:`bench.scenario.TrainSpec` dict). ``epochs`` overrides ``cfg["epochs"]`` (defenses
     fine-tune for their own budget); ``trainable`` restricts which parameters the optimizer updates.
+    A NaN or infinite mean epoch loss raises :class:`bench.errors.TrainingDiverged` (checked at the
+    epoch's one host sync): a diverged model is a failed job, never a result.
     """
     epochs = int(epochs if epochs is not None else cfg["epochs"])
     device = x.device
@@ -129,6 +133,8 @@ def fit(
                     scheduler.step()
                 total += loss.detach().float() * len(idx)
             mean_loss = float(total.item()) / len(x)
+            if not math.isfinite(mean_loss):
+                raise TrainingDiverged(epoch + 1, mean_loss)
             result.epoch_losses.append(mean_loss)
             if on_epoch is not None:
                 on_epoch(epoch + 1, epochs, mean_loss)

@@ -20,6 +20,7 @@ import torch
 
 from bench.data.assemble import assemble, check_params
 from bench.data.base import TensorData
+from bench.data.info import declares_info, square
 from bench.data.missing import download_failed, require_files, unreadable
 from bench.registry import register_dataset
 
@@ -69,6 +70,7 @@ def _class_names(dataset: str, path: Path) -> list[str]:
 
 
 @register_dataset("cifar10")
+@declares_info(square(3, 32, 10))
 def cifar10(
     root: str = "data",
     download: bool = False,

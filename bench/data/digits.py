@@ -11,6 +11,7 @@ import torch
 
 from bench.data.assemble import assemble, check_image_size
 from bench.data.base import TensorData
+from bench.data.info import declares_info, square
 from bench.data.subset import stratified_indices
 from bench.registry import register_dataset
 
@@ -19,6 +20,7 @@ TEST_FRACTION = 0.2
 
 
 @register_dataset("digits")
+@declares_info(square(1, 16, 10))
 def digits(image_size: int = 16, split_seed: int = 0) -> TensorData:
     """scikit-learn's 8x8 digits, upsampled; fixed stratified 80/20 split; needs no download."""
     from sklearn.datasets import load_digits

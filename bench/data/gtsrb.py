@@ -20,6 +20,7 @@ import torch
 from bench.data import cache
 from bench.data.assemble import assemble, check_params, to_unit_float
 from bench.data.base import TensorData
+from bench.data.info import declares_info, square
 from bench.data.missing import download_failed, require_files, unreadable
 from bench.data.resize import resize_images
 from bench.registry import register_dataset
@@ -105,6 +106,7 @@ def _decode(root: str, split: str, image_size: int) -> tuple[torch.Tensor, torch
 
 
 @register_dataset("gtsrb")
+@declares_info(square(3, 32, NUM_CLASSES))
 def gtsrb(
     root: str = "data",
     download: bool = False,

@@ -15,6 +15,7 @@ import torch
 
 from bench.data.assemble import assemble, check_params
 from bench.data.base import TensorData
+from bench.data.info import declares_info, square
 from bench.data.missing import download_failed, require_files, unreadable
 from bench.registry import register_dataset
 
@@ -65,6 +66,7 @@ def _load(
 
 
 @register_dataset("mnist")
+@declares_info(square(1, 28, 10))
 def mnist(
     root: str = "data",
     download: bool = False,
@@ -82,6 +84,7 @@ def mnist(
 
 
 @register_dataset("fashion-mnist")
+@declares_info(square(1, 28, 10))
 def fashion_mnist(
     root: str = "data",
     download: bool = False,

@@ -93,11 +93,13 @@ class Defense(abc.ABC):
     stages: the names of the stages that carry weights, in order; :meth:`run` returns each of them
         exactly once (plus any detection-only stages). The planner schedules one evaluation per
         weight-carrying stage and quantization config.
-    needs_routing: True for defenses that read the MoE routing (``forward_routing`` must return a
-        :class:`bench.models.base.Routing`); the engine can mark them not applicable to dense models.
+    requires: model capabilities the defense needs (``routing``, ``gate``, ``experts``, ``prunable``:
+        see :mod:`bench.applicability`); the planner marks it not applicable (n/a) to models without them.
+    needs_routing: older spelling of ``requires = {"routing"}``, still honoured.
     """
 
     stages: ClassVar[tuple[str, ...]] = ()
+    requires: ClassVar[frozenset[str]] = frozenset()
     needs_routing: ClassVar[bool] = False
     #: Registry name, for messages.
     name: ClassVar[str] = "defense"
