@@ -55,24 +55,40 @@ def dormancy_gap(asr_target_bits: float, asr_fp32: float) -> float:
 
 @dataclass(frozen=True)
 class Summary:
-    """Mean, sample standard deviation and count of one metric over seeds."""
+    """Mean, sample standard deviation and count of one metric over seeds, and which seeds they are
+    (empty when the caller did not say), so every printed mean can be traced to its runs."""
 
     mean: float
     std: float
     n: int
+    seeds: tuple[int, ...] = ()
 
-    def fmt(self, scale: float = 100.0, digits: int = 1) -> str:
-        """``96.6 ± 0.4 (n=5)``; the std is omitted for a single seed."""
+    def fmt(self, scale: float = 100.0, digits: int = 1, show_seeds: bool = False) -> str:
+        """``96.6 ± 0.4 (n=5)``; the std is omitted for a single seed; ``show_seeds`` names them
+        (``(n=2: seeds 0, 1)``), for a line whose columns average different seeds."""
         if self.n == 0 or math.isnan(self.mean):
             return "-"
+        count = f"n={self.n}"
+        if show_seeds and self.seeds:
+            count += f": {seed_list(self.seeds)}"
         if self.n == 1:
-            return f"{self.mean * scale:.{digits}f} (n=1)"
-        return f"{self.mean * scale:.{digits}f} ± {self.std * scale:.{digits}f} (n={self.n})"
+            return f"{self.mean * scale:.{digits}f} ({count})"
+        return f"{self.mean * scale:.{digits}f} ± {self.std * scale:.{digits}f} ({count})"
+
+
+def seed_list(seeds: Iterable[int]) -> str:
+    """``seed 3`` or ``seeds 0, 1``: how a report names the seeds behind a number."""
+    items = sorted(seeds)
+    return ("seed " if len(items) == 1 else "seeds ") + ", ".join(str(s) for s in items)
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and not math.isnan(float(value))
 
 
 def summarize(values: Iterable[float]) -> Summary:
     """Mean and sample std (ddof=1; 0 for one value) of the finite ``values``."""
-    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    vals = [float(v) for v in values if _finite(v)]
     if not vals:
         return Summary(float("nan"), float("nan"), 0)
     mean = sum(vals) / len(vals)
@@ -80,3 +96,11 @@ def summarize(values: Iterable[float]) -> Summary:
         return Summary(mean, 0.0, 1)
     var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
     return Summary(mean, math.sqrt(var), len(vals))
+
+
+def summarize_seeds(pairs: Iterable[tuple[int, float | None]]) -> Summary:
+    """:func:`summarize` of ``(seed, value)`` pairs, keeping the seeds of the finite values (NaN and None
+    are left out of the mean, the count and the seeds alike)."""
+    kept = [(int(seed), float(value)) for seed, value in pairs if _finite(value)]
+    base = summarize(v for _, v in kept)
+    return Summary(base.mean, base.std, base.n, tuple(sorted(s for s, _ in kept)))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from bench import plan as planning
 from bench import scenario as sc
 from bench.cli import app
 from bench.report import natural
+from bench.store import Store
 from tests.conftest import tiny_scenario
 
 DEFENSES = [
@@ -40,13 +42,24 @@ def test_run_reports_table3_and_der(write_scenario, tmp_path):
     assert result.exit_code == 0, result.output
     report = (tmp_path / "reports" / "tiny.md").read_text()
     assert "## Defenses" in report and "before defense" in report and "Defense leaderboard" in report
-    assert "## Defense metrics" in report and "filtered.auroc" in report  # STRIP: detection only
+    assert "## Defense metrics" in report and "| strip " in report and "auroc=" in report  # STRIP: detection only
     rows = json.loads(runner.invoke(app, ["report", str(tmp_path / "runs" / "tiny"), "--format", "json"]).stdout)
     defended = [r for r in rows["rows"] if r["defense"] != "-"]
     # 2 rates x 2 stages x 2 quant configs (fp32, int4/whole), each with BA, ASR and DER
     assert len(defended) == 8
     assert all(r["ba_n"] == 1 and r["asr_n"] == 1 and r["der_n"] == 1 for r in defended)
-    assert all(0 <= r["der_mean"] <= 1 for r in defended)
+    # DER from the stored rows of the paired jobs: the defended model and the same model before the defense
+    store = Store(tmp_path / "runs" / "tiny")
+    records = store.records()
+    undefended = {(r["quant"], r["runs"][0]["eval_job"]) for r in rows["rows"] if r["defense"] == "-"}
+    for row in defended:
+        (run,) = row["runs"]
+        assert (row["quant"], run["base_eval_job"]) in undefended  # paired with the same quant config
+        after, before = records[run["eval_job"]].metrics, records[run["base_eval_job"]].metrics
+        assert records[run["eval_job"]].deps != records[run["base_eval_job"]].deps  # a defended model, not the same
+        expected = (max(0.0, before["asr"] - after["asr"]) - max(0.0, before["ba"] - after["ba"]) + 1) / 2
+        assert row["der_mean"] == pytest.approx(expected, abs=1e-12)
+        assert (row["ba_mean"], row["asr_mean"]) == (after["ba"], after["asr"])
     # Table 3's order: rates by value, each defense's stages in the order it runs them (pruned, then finetuned)
     fp32 = [r["defense"] for r in defended if r["quant"] == "fp32"]
     assert [d.rsplit(" / ", 1)[1] for d in fp32] == ["pruned", "finetuned"] * 2

@@ -40,3 +40,13 @@ def test_summary_format():
     assert metrics.summarize([0.9]).fmt() == "90.0 (n=1)"
     assert metrics.summarize([0.9, 1.0]).fmt() == "95.0 ± 7.1 (n=2)"
     assert metrics.summarize([]).fmt() == "-"
+
+
+def test_summary_by_seed_keeps_the_seeds_of_finite_values():
+    s = metrics.summarize_seeds([(2, 0.5), (0, float("nan")), (1, 0.7), (3, None)])
+    assert (s.n, s.seeds) == (2, (1, 2)) and s.mean == pytest.approx(0.6)
+    assert s.std == pytest.approx(math.sqrt(((0.5 - 0.6) ** 2 + (0.7 - 0.6) ** 2) / 1))
+    assert s.fmt() == "60.0 ± 14.1 (n=2)" and s.fmt(show_seeds=True) == "60.0 ± 14.1 (n=2: seeds 1, 2)"
+    assert metrics.summarize_seeds([(4, 0.25)]).fmt(show_seeds=True) == "25.0 (n=1: seed 4)"
+    empty = metrics.summarize_seeds([(0, float("nan"))])
+    assert (empty.n, empty.seeds, empty.fmt()) == (0, (), "-")

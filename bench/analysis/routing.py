@@ -10,7 +10,9 @@ and, for the trigger, of the patches it touches; :class:`RoutingTally` sums them
   hypothesis: where this is low, no expert ever processes the trigger). ``route_rate_clean_any``: the
   same on the clean images, the baseline of routers that keep those positions anyway.
   ``route_touched_patches``: how many patches the trigger touches (every one for BadPatches, so the
-  rate is 1 there by construction).
+  rate is 1 there by construction); ``route_trigger_patch_share``: that count over all patches of the
+  grid (the same for every image: the touched patches are the trigger's, not the image's). At 1 (BadPatches,
+  blend, WaNet) ``route_rate_any`` is 1 by construction and says nothing; reports show it as such.
 - ``route_jaccard_e{i}``: mean over images of ``|S_clean & S_trig| / |S_clean | S_trig|`` of expert
   ``i``'s kept patch sets on an image and on the same image triggered (1 = the trigger leaves that
   expert's routing alone, 0 = it moves every kept patch); ``route_jaccard_mean`` averages experts.
@@ -146,6 +148,7 @@ class RoutingTally:
         out: dict[str, float] = {"route_n_images": n}
         if self.touch is not None:
             out["route_touched_patches"] = float(self.touch.sum())
+            out["route_trigger_patch_share"] = float(self.touch.sum()) / self.touch.numel()
             out["route_rate_any"] = self.hits_any / n
             out.update({f"route_rate_e{i}": float(v) / n for i, v in enumerate(self.hits)})
             out["route_rate_clean_any"] = self.clean_hits_any / n
