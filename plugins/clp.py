@@ -12,10 +12,14 @@ pruned. No data and no training: it complements the built-in defenses, which all
 Layers, as in the paper: every ``nn.Conv2d``. Which BatchNorm belongs to which convolution is found by
 one forward pass on a constant grey probe image (structure only; no data), hooking which BatchNorm
 receives a convolution's output tensor as its input; pruning zeroes that BatchNorm's ``weight`` and
-``bias`` at the channel, as the paper's code does. Pre-activation networks (our WRN trunk) and the pMoE
-experts have convolutions whose output is not fed straight into a BatchNorm (it is added to a residual,
-or pooled); for those the bound is the kernel's alone and pruning zeroes the convolution's output
-channel (weight and bias). The router kernels (``parameter_groups()["gate"]``) are not feature channels
+``bias`` at the channel, as the paper's code does. The pMoE experts' (and the dense model's last)
+convolutions reach their BatchNorm through a concatenation (or a residual sum); the model's
+``prunable_layers()`` names that BatchNorm and the channel offset, so they are bounded and pruned there
+too (and their filters zeroed, as fine-pruning does), so a pruned channel is exactly zero where the
+classifier reads it. Other convolutions whose output
+is not fed straight into a BatchNorm (pre-activation blocks of our WRN trunk, added to a residual) are
+bounded by the kernel alone and pruned at the convolution's output channel (weight and bias). The router
+kernels (``parameter_groups()["gate"]``) are not feature channels
 and are left alone. ``u`` defaults to 3, the paper's default.
 
 What we measured (``scenarios/plugins_example.yaml``: a width-1 pMoE on digits, 16-channel layers, SIG at
@@ -74,20 +78,28 @@ class CLP(Defense):
     def run(self, model: BenchModel, ctx: DefenseContext) -> list[DefenseStage]:
         pruned = channels = 0
         layers = conv_layers(model, torch.full_like(ctx.clean_x[:1], 0.5))
-        for conv, norm in layers:
-            scores = uclc(conv, norm)
+        declared = {lay.conv for lay in model.prunable_layers()}
+        for conv, norm, start in layers:
+            scores = uclc(conv, norm, start)
             cut = outliers(scores, self.u)
-            prune_channels(conv, norm, cut)
+            prune_channels(conv, norm, cut, start)
+            if conv in declared and norm is not None:
+                prune_channels(conv, None, cut)  # as fine-pruning: the convolution's filters go too
             pruned += int(cut.numel())
             channels += int(scores.numel())
         metrics = {"pruned_channels": pruned, "channels": channels, "layers": len(layers), "u": self.u}
         return [DefenseStage("pruned", snapshot(model), metrics)]
 
 
-def conv_layers(model: BenchModel, probe: torch.Tensor) -> list[tuple[nn.Conv2d, nn.BatchNorm2d | None]]:
-    """Every convolution except the router's, with the BatchNorm that takes its output directly (or None).
+def conv_layers(
+    model: BenchModel, probe: torch.Tensor
+) -> list[tuple[nn.Conv2d, nn.BatchNorm2d | None, int]]:
+    """Every convolution except the router's, with the BatchNorm that normalises its output channels (or
+    None) and the offset of those channels in it.
 
-    Found by one forward pass on ``probe`` (a constant image of the input shape; eval mode, no grad).
+    The model's ``prunable_layers()`` declare that BatchNorm for the last convolutions; for the others it
+    is the one that takes the convolution's output directly, found by one forward pass on ``probe`` (a
+    constant image of the input shape; eval mode, no grad).
     """
     gate = {name.rsplit(".", 1)[0] for name in model.parameter_groups().get("gate", [])}
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n not in gate]
@@ -116,17 +128,20 @@ def conv_layers(model: BenchModel, probe: torch.Tensor) -> list[tuple[nn.Conv2d,
         model.train(was_training)
         for hook in hooks:
             hook.remove()
-    return [(conv, consumer.get(conv)) for _, conv in convs]
+    declared = {lay.conv: (lay.norm, lay.start) for lay in model.prunable_layers() if lay.norm is not None}
+    return [(conv, *declared.get(conv, (consumer.get(conv), 0))) for _, conv in convs]
 
 
-def uclc(conv: nn.Conv2d, norm: nn.BatchNorm2d | None) -> torch.Tensor:
-    """``[C_out]`` upper bound of each output channel's Lipschitz constant."""
+def uclc(conv: nn.Conv2d, norm: nn.BatchNorm2d | None, start: int = 0) -> torch.Tensor:
+    """``[C_out]`` upper bound of each output channel's Lipschitz constant (``norm``'s channels from
+    ``start`` on belong to ``conv``)."""
     weight = conv.weight.detach().float()
     per_channel = weight.reshape(weight.shape[0], weight.shape[1], -1)  # [C_out, C_in / groups, kh * kw]
     bound = torch.linalg.matrix_norm(per_channel, ord=2)  # largest singular value of each channel
     if norm is not None:
-        var = norm.running_var if norm.running_var is not None else torch.ones_like(bound)
-        gamma = norm.weight if norm.weight is not None else torch.ones_like(bound)
+        span = slice(start, start + len(bound))
+        var = norm.running_var[span] if norm.running_var is not None else torch.ones_like(bound)
+        gamma = norm.weight[span] if norm.weight is not None else torch.ones_like(bound)
         bound = bound * (gamma.detach().float() / (var.float() + norm.eps).sqrt()).abs()
     return bound
 
@@ -139,13 +154,16 @@ def outliers(scores: torch.Tensor, u: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prune_channels(conv: nn.Conv2d, norm: nn.BatchNorm2d | None, index: torch.Tensor) -> None:
-    """Zero channels ``index``: at the BatchNorm's affine parameters when there is one, else at the
-    convolution's output."""
+def prune_channels(conv: nn.Conv2d, norm: nn.BatchNorm2d | None, index: torch.Tensor, start: int = 0) -> None:
+    """Zero channels ``index``: at the BatchNorm's affine parameters (channels ``start + index``) when
+    there is one, else at the convolution's output."""
     if index.numel() == 0:
         return
-    target: nn.Module = norm if norm is not None and norm.affine else conv
-    target.weight[index] = 0.0  # type: ignore[index]
-    if target.bias is not None:  # type: ignore[union-attr]
-        target.bias[index] = 0.0  # type: ignore[index]
+    if norm is not None and norm.affine:
+        norm.weight[start + index] = 0.0
+        norm.bias[start + index] = 0.0
+        return
+    conv.weight[index] = 0.0
+    if conv.bias is not None:
+        conv.bias[index] = 0.0
 

@@ -9,6 +9,7 @@ activations are those of a real network; ``pmoe-paper`` is built at its own size
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from bench.defenses import DefenseContext, FinePruning, Pruning, prune
 from bench.errors import ComponentParamsError
 from bench.jobs import build_model
 from bench.models.base import BenchModel
+from bench.plugins import load_plugin_file
 from bench.registry import REGISTRY
 from bench.scenario import TrainSpec
 from bench.train import fit
@@ -248,3 +250,46 @@ def test_the_badpatches_code_setting_zeroes_only_the_convolution(digits8, traine
     assert [len(r) for r in removed] == [c.out_channels // 2 for c in last_convs(after)]
     assert pruned.metrics["silenced"] == 0
     assert silent_channels(after, digits8.test_x) != removed
+
+
+class ConvOnly(BenchModel):
+    """A plugin-style model that declares only ``prunable_convs``: conv, ReLU, pooling, classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward_routing(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.fc(self.conv(x).relu().mean(dim=(2, 3))), None
+
+    def prunable_convs(self) -> list[tuple[str, nn.Conv2d]]:
+        return [("conv", self.conv)]
+
+
+def test_a_model_declaring_only_prunable_convs_is_pruned_at_the_convolution(digits8):
+    torch.manual_seed(0)
+    model = ConvOnly().eval()
+    [layer] = model.prunable_layers()
+    assert layer.conv is model.conv and layer.norm is None and layer.act is None
+    x = digits8.train_x[:64]
+    with torch.no_grad():
+        raw = model.conv(x).mean(dim=(0, 2, 3))
+    [mask] = prune(model, x, 0.5, "activation")  # no act declared: the convolution's output is read
+    assert set(mask.pruned.tolist()) == set(torch.argsort(raw)[:4].tolist())
+    prune(model, x, 1.0)
+    with torch.no_grad():
+        logits = model(digits8.test_x[:2])
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_clp_silences_an_expert_channel_where_the_classifier_reads_it(digits8, trained):
+    """The CLP plugin prunes the pMoE experts' channels through the same contract: a planted
+    high-Lipschitz expert channel ends up exactly zero in the last feature map (a trained model: in a
+    fresh one the head BatchNorm's shift is zero anyway)."""
+    load_plugin_file(Path(__file__).parents[1] / "plugins" / "clp.py")
+    model = copy.deepcopy(trained["pmoe"])
+    with torch.no_grad():
+        model.moe.experts[1].conv.weight[3] *= 50
+    REGISTRY.get("defense", "clp").create(u=3.0).run(model, ctx_for(digits8, n_clean=4))
+    assert 3 in silent_channels(model, digits8.test_x)[1]
