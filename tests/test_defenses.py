@@ -29,6 +29,7 @@ from bench.defenses import (
     anomaly_indices,
     auroc,
 )
+from bench.defenses.neural_cleanse import BUDGET as NC_BUDGET
 from bench.errors import ComponentParamsError
 from bench.evaluate import evaluate
 from bench.jobs import build_model
@@ -108,7 +109,8 @@ def test_every_defense_is_registered_with_a_budget_and_its_stages():
         comp = REGISTRY.get("defense", name)
         defense = comp.create()
         budget = {p.name: p for p in comp.params}["budget"]
-        assert budget.default == 0.05 and defense.budget == 0.05
+        want = NC_BUDGET if name == "neural-cleanse" else 0.05  # Neural Cleanse's unlearning set: its own
+        assert budget.default == want and defense.budget == want
         assert isinstance(comp.factory.stages, tuple)
     assert REGISTRY.get("defense", "fine-pruning").create(rate=0.3, budget=0.1).rate == 0.3
 
