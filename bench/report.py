@@ -316,17 +316,29 @@ def component_label(spec: dict[str, Any] | None, varying: set[str]) -> str:
 def varying_keys(specs: list[dict[str, Any] | None]) -> set[str]:
     """Parameter names whose value differs between two ``specs`` of the same name (worth showing)."""
     by_name: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    seen: set[int] = set()
     for spec in specs:
-        if spec is not None:
+        if spec is not None and id(spec) not in seen:  # a plan's cells share their specs: flatten each once
+            seen.add(id(spec))
             by_name[str(spec.get("name", ""))].append(_flat(spec))
     out = set()
     for flats in by_name.values():
         for k in {k for f in flats for k in f}:
-            if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats}) > 1:
+            if len({_hashable(f.get(k)) for f in flats}) > 1:
                 out.add(k)
     if any(f.get("apply") == "badpatches" for flats in by_name.values() for f in flats):
         out.add("apply")
     return out
+
+
+def _hashable(value: Any) -> Any:
+    """A set member standing for ``value``: scalars by type and value (1, 1.0 and True differ, as in JSON),
+    anything else by its sorted JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return ("float", "nan")  # NaN != NaN: one stand-in for all of them
+    if value is None or isinstance(value, str | int | float | bool):
+        return (type(value).__name__, value)
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def setting_labels(entries: list[dict[str, Any]]) -> dict[str, set[str]]:
@@ -425,8 +437,10 @@ def _md_text(text: str) -> str:
     return " ".join(text.replace("|", "/").split())
 
 
-def _detail(short: str, detail: str, foot: Footnotes | None) -> str:
-    return f"{short} {foot.ref(detail)}" if foot is not None else f"{short} ({detail})"
+def _detail(short: str, detail: str, foot: Footnotes | None, inline: str | None = None) -> str:
+    """``short`` with its ``detail`` as a footnote marker, or inline in parentheses (``inline``, when the
+    detail repeats ``short``, is what goes in them)."""
+    return f"{short} {foot.ref(detail)}" if foot is not None else f"{short} ({inline or detail})"
 
 
 def row_notes(row: Row, foot: Footnotes | None = None) -> list[str]:
@@ -440,10 +454,9 @@ def row_notes(row: Row, foot: Footnotes | None = None) -> list[str]:
             by_reason[(r.reason, r.failed_epoch)].append(r)
         for (reason, epoch), runs in by_reason.items():
             jobs = ", ".join(r.eval_job for r in runs if r.eval_job) or "planned as not applicable"
-            detail = f"{status}: {seed_list(r.seed for r in runs)} ({jobs}): {reason}"
-            if epoch is not None:
-                detail += f" (epoch {epoch})"
-            notes.append(_detail(f"{status}: {seed_list(r.seed for r in runs)}", detail, foot))
+            short = f"{status}: {seed_list(r.seed for r in runs)}"
+            why = reason + (f" (epoch {epoch})" if epoch is not None else "")
+            notes.append(_detail(short, f"{short} ({jobs}): {why}", foot, inline=f"{jobs}: {why}"))
     pending = row.with_status(PENDING)
     if pending:
         notes.append(f"pending: {seed_list(r.seed for r in pending)}")
@@ -947,7 +960,8 @@ def _same(a: Any, b: Any) -> bool:
 def reference_matches(ref: dict[str, Any], specs: dict[str, Any], poison_rate: float | None) -> bool:
     """Whether the reference row ``ref`` names the cell setting ``specs`` (dataset, model, attack, train
     dicts) at ``poison_rate``: dataset, trigger name, apply, poison rate, ``model`` when given, and every
-    field of its ``dataset_params``, ``model_params``, ``params`` and ``train`` blocks."""
+    field of its ``dataset_params``, ``model_params``, ``params`` and ``train`` blocks (a field set to null
+    names the cells without it, e.g. ``params: {objective: null}``)."""
     attack = specs.get("attack")
     if not attack or poison_rate is None or not _same(poison_rate, ref["poison_rate"]):
         return False
@@ -959,24 +973,45 @@ def reference_matches(ref: dict[str, Any], specs: dict[str, Any], poison_rate: f
     for ref_field, part in REFERENCE_FIELDS.items():
         flat = _flat(specs.get(part) or {})
         for k, v in _flat(ref.get(ref_field) or {}).items():
-            if k not in flat or not _same(flat[k], v):
+            if v is None:
+                if flat.get(k) is not None or any(x.startswith(f"{k}.") for x in flat):
+                    return False
+            elif k not in flat or not _same(flat[k], v):
                 return False
     return True
 
 
 def reference_differences(settings: list[dict[str, Any]]) -> dict[str, list[Any]]:
     """The reference-row fields (``model``, ``model_params.experts``, ``train.lr`` ...) whose values differ
-    between ``settings`` (cell specs): what a reference row must add to name one of them."""
+    between ``settings`` (cell specs): what a reference row must add to name one of them. Parameters are
+    compared between components of the same name; a block some settings lack (a ``qcb`` objective) is one
+    field, ``params.objective``, set or null."""
     out: dict[str, list[Any]] = {}
     names = sorted({json.dumps(s["model"]["name"]) for s in settings})
     if len(names) > 1:
         out["model"] = [json.loads(n) for n in names]
     for ref_field, part in REFERENCE_FIELDS.items():
-        flats = [_flat(s.get(part) or {}) for s in settings]
-        for k in sorted({k for f in flats for k in f} - {"name", "apply"}):
-            seen = sorted({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats})
-            if len(seen) > 1:
-                out[f"{ref_field}.{k}"] = [json.loads(v) for v in seen]
+        by_name: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for s in settings:
+            spec = s.get(part) or {}
+            by_name[str(spec.get("name", ""))].append(_flat(spec))
+        for flats in by_name.values():
+            for k, values in _differing(flats).items():
+                out.setdefault(f"{ref_field}.{k}", values)
+    return out
+
+
+def _differing(flats: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Flat keys whose values differ between ``flats``; a dotted block absent from some as the block."""
+    out: dict[str, list[Any]] = {}
+    for k in sorted({k for f in flats for k in f} - {"name", "apply"}):
+        block = k.split(".", 1)[0]
+        if "." in k and any(not any(x.startswith(f"{block}.") for x in f) for f in flats):
+            out.setdefault(block, ["set", None])
+            continue
+        seen = sorted({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats})
+        if len(seen) > 1:
+            out[k] = [json.loads(v) for v in seen]
     return out
 
 
@@ -998,6 +1033,10 @@ def _reference_candidates(cells: list[dict[str, Any]]) -> list[tuple[dict[str, A
     return list(seen.values())
 
 
+#: Fields a reference error lists before "and N more".
+MAX_FIELDS = 6
+
+
 def check_reference(reference: dict[str, Any] | None, cells: list[dict[str, Any]], source: str) -> None:
     """Refuse a reference row that matches several cells of the plan (it would compare one of them at
     random): a :class:`ScenarioError` naming the file, the row (``reference.values[3]``) and the fields to
@@ -1010,24 +1049,36 @@ def check_reference(reference: dict[str, Any] | None, cells: list[dict[str, Any]
         if len(matches) < 2:
             continue
         differ = reference_differences(matches)
-        fields = ", ".join(f"{k} ({' / '.join(json.dumps(v, default=str) for v in vals)})"
-                           for k, vals in differ.items())
+        shown = [f"{k} ({' / '.join(json.dumps(v, default=str) for v in vals)})" for k, vals in differ.items()]
+        more = len(shown) - MAX_FIELDS
+        fields = ", ".join(shown[:MAX_FIELDS]) + (f" and {more} more" if more > 0 else "")
         raise ScenarioError(
             f"{source}: reference.values[{i}]: matches {len(matches)} cells of this scenario (dataset "
             f"{ref['dataset']}, attack {ref['attack']}, apply {ref.get('apply') or 'image'}, poison rate "
             f"{ref['poison_rate']}), which differ in {fields}; add "
             f"{' and '.join(sorted({k.split('.', 1)[0] for k in differ}))} to this reference row "
-            f"(e.g. {_example(differ)}) so that it names one cell"
+            f"(e.g. {_example(differ, matches)}) so that it names one cell"
         )
 
 
-def _example(differ: dict[str, list[Any]]) -> str:
-    """A reference-row snippet naming the first of each differing value (``model_params: {experts: 2}``)."""
+def _example(differ: dict[str, list[Any]], matches: list[dict[str, Any]]) -> str:
+    """A reference-row snippet naming one of ``matches`` (``model_params: {experts: 2}``), taken from the
+    match with the fewest parameters (a block it lacks is written null)."""
+    cell = min(matches, key=lambda m: sum(len(_flat(m.get(part) or {})) for part in REFERENCE_FIELDS.values()))
     blocks: dict[str, list[str]] = defaultdict(list)
-    for key, values in differ.items():
+    for key in differ:
         ref_field, _, name = key.partition(".")
-        blocks[ref_field].append(f"{name}: {json.dumps(values[0], default=str)}" if name else json.dumps(values[0]))
-    return ", ".join(f"{f}: {{{', '.join(v)}}}" if f != "model" else f"model: {v[0]}" for f, v in blocks.items())
+        if ref_field == "model":
+            blocks["model"].append(json.dumps(cell["model"]["name"]))
+            continue
+        flat = _flat(cell.get(REFERENCE_FIELDS[ref_field]) or {})
+        if name in flat:
+            value = flat[name]
+        else:  # a block: its fields, or null when this cell lacks it
+            inner = {k.removeprefix(f"{name}."): v for k, v in flat.items() if k.startswith(f"{name}.")}
+            value = inner or None
+        blocks[ref_field].append(f"{name}: {json.dumps(value, default=str)}")
+    return ", ".join(f"model: {v[0]}" if f == "model" else f"{f}: {{{', '.join(v)}}}" for f, v in blocks.items())
 
 
 def reference_entries(rows: list[Row], reference: dict[str, Any] | None) -> list[dict[str, Any]]:

@@ -253,6 +253,19 @@ def test_reference_train_and_trigger_params_narrow_the_match():
         check_reference(ref, cells, "s.yaml")
     ref["values"][0]["train"] = {"lr": 0.01}
     check_reference(ref, cells, "s.yaml")
+    # a block some cells lack (the qcb objective) is one field; null names the cells without it
+    qcb = {**BADNETS, "objective": {"name": "qcb", "target_bits": 4}}
+    cells = [cell(0, BADNETS, 0.1), cell(0, qcb, 0.1)]
+    ref = {"values": [{"dataset": "digits", "attack": "badnets", "poison_rate": 0.1}]}
+    with pytest.raises(ScenarioError, match=r'differ in params\.objective \("set" / null\); add params .*'
+                                            r"\(e\.g\. params: \{objective: null\}\)"):
+        check_reference(ref, cells, "s.yaml")
+    rows = aggregate(cells, {})
+    for objective, attack in ((None, "badnets"), ({"target_bits": 4}, "badnets+qcb (target_bits=4)")):
+        ref["values"][0]["params"] = {"objective": objective}
+        check_reference(ref, cells, "s.yaml")
+        named = [r.attack for r in rows if reporting.reference_matches(ref["values"][0], r.specs, r.poison_rate)]
+        assert named == [attack]
 
 
 def test_the_papers_reference_names_one_cell_per_row():
