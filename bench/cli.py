@@ -37,6 +37,10 @@ PluginsOpt = Annotated[
     list[str] | None, typer.Option("--plugins", help="Plugin file or folder to load (repeatable).")
 ]
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Where result stores live (runs/<name>/).")]
+SmokeOpt = Annotated[bool, typer.Option("--smoke", help="Every kind of cell at toy scale, as its own study "
+                                        "<name>-smoke: first seed, highest rate, 1 epoch, 128/64 images.")]
+DataRootOpt = Annotated[Path | None, typer.Option("--data-root", help="Every data set with a root reads from "
+                                                  "this folder (overrides the scenario's root).")]
 
 
 def _fail(exc: BenchError) -> typer.Exit:
@@ -118,10 +122,12 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON on stdout.")] = False,
     runs_dir: RunsDirOpt = Path("runs"),
     plugins: PluginsOpt = None,
+    smoke: SmokeOpt = False,
+    data_root: DataRootOpt = None,
 ) -> None:
     """Show the expanded matrix: cells, distinct trainings, evaluations, what is already done."""
     try:
-        prepared = runner.prepare(scenario, plugins)
+        prepared = runner.prepare(scenario, plugins, smoke, data_root)
         root = runner.store_dir(runs_dir, prepared.resolved.name)
         done = runner.Store(root).done_ids() if (root / "results.db").exists() else set()
     except BenchError as exc:
@@ -157,18 +163,20 @@ def run(
                                                 "(auto, ray://host:10001); default: a local Ray cluster.")] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Run the jobs recorded as failed "
                                                "(diverged, out of memory) again.")] = False,
+    smoke: SmokeOpt = False,
+    data_root: DataRootOpt = None,
 ) -> None:
     """Run a scenario: train, evaluate, write the report. Resumes whatever is already stored.
 
     Exit code 0 when every job succeeded (or is not applicable), 1 when some job failed (the rest still
     ran; the report shows the failed cells), 2 for a mistake in the scenario or options."""
     if dry_run:
-        plan(scenario, as_json=as_json, runs_dir=runs_dir, plugins=plugins)
+        plan(scenario, as_json=as_json, runs_dir=runs_dir, plugins=plugins, smoke=smoke, data_root=data_root)
         return
     try:
         with RichReporter(err) as reporter:
             outcome = runner.run(scenario, runs_dir, reports_dir, fresh, device, plugins, reporter, workers,
-                                 executor, address, retry_failed)
+                                 executor, address, retry_failed, smoke, data_root)
     except BenchError as exc:
         raise _fail(exc) from None
     except KeyboardInterrupt:

@@ -35,10 +35,26 @@ class Prepared:
     plan: planning.Plan
 
 
-def prepare(path: str | Path, plugins: list[str] | None = None) -> Prepared:
-    """Load and validate a scenario file and plan it (no data is loaded, nothing runs)."""
-    resolved = scenarios.load(path, extra_plugins=plugins)
-    return Prepared(resolved, planning.build(resolved))
+def prepare(path: str | Path, plugins: list[str] | None = None, smoke: bool = False,
+            data_root: str | Path | None = None) -> Prepared:
+    """Load and validate a scenario file and plan it (no data is loaded, nothing runs). ``smoke``: its toy
+    version (:mod:`bench.smoke`); ``data_root``: every data set reads from this folder."""
+    path = Path(path)
+    if not smoke and data_root is None:
+        resolved = scenarios.load(path, extra_plugins=plugins)
+        return Prepared(resolved, planning.build(resolved))
+    from bench.plugins import load_plugins
+    from bench.smoke import smoke_plan, smoke_scenario, with_data_root
+
+    raw = scenarios.read_yaml(path)
+    if isinstance(raw.get("plugins"), list):  # toy parameters come from the components, plugins included
+        load_plugins([*raw["plugins"], *(plugins or [])], base_dir=path.parent, source=str(path))
+    root = str(data_root) if data_root is not None else None
+    raw = smoke_scenario(raw, root) if smoke else with_data_root(raw, str(root))
+    source = f"{path} (smoke)" if smoke else str(path)
+    resolved = scenarios.resolve(raw, source=source, base_dir=path.parent, extra_plugins=plugins)
+    plan = planning.build(resolved)
+    return Prepared(resolved, smoke_plan(plan) if smoke else plan)
 
 
 def store_dir(runs_dir: str | Path, name: str) -> Path:
@@ -145,6 +161,8 @@ def run(
     executor: str = "local",
     address: str | None = None,
     retry_failed: bool = False,
+    smoke: bool = False,
+    data_root: str | Path | None = None,
 ) -> RunOutcome:
     """Run a scenario to completion (resuming whatever the store already holds) and write its report;
     ``workers > 1`` runs independent jobs at once in worker processes (:mod:`bench.execute.pool`);
@@ -155,7 +173,7 @@ def run(
         raise BenchError("--address: only --executor ray connects to a cluster")
     if workers > 1 and executor == "ray":
         raise BenchError("--workers: the Ray executor runs as many jobs as the cluster has room for; drop --workers")
-    prepared = prepare(path, plugins)
+    prepared = prepare(path, plugins, smoke, data_root)
     root = store_dir(runs_dir, prepared.resolved.name)
     if fresh:
         remove_store(root)  # only what a store wrote, and only a folder that is one

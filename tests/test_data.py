@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import os
 import pickle
-import struct
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import ondisk
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 from bench.data import TensorData, resize_images, stratified_indices
 from bench.data.assemble import channel_stats
@@ -153,24 +152,8 @@ def test_resize_same_size_is_identity() -> None:
 # ---------------------------------------------------------------- MNIST / Fashion-MNIST (IDX files)
 
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """The IDX format: 2 zero bytes, type code 0x08 (ubyte), rank, big-endian int32 dims, then the bytes."""
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
 def write_mnist(root: Path, folder: str, n_train: int = 60, n_test: int = 20, side: int = 28) -> dict:
-    raw = root / folder / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        images = rng.integers(0, 256, size=(n, side, side), dtype=np.uint8)
-        labels = np.arange(n) % 10
-        write_idx(raw / f"{split}-images-idx3-ubyte", images)
-        write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
-        arrays[split] = (images, labels)
-    return arrays
+    return ondisk.write_mnist(root, folder, n_train, n_test, side)
 
 
 @pytest.mark.parametrize(("name", "folder"), [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
@@ -211,23 +194,7 @@ def test_mnist_truncated_idx_file_is_a_data_error(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- CIFAR-10 (pickled batches)
 
 
-def write_cifar(root: Path, per_batch: int = 6) -> tuple[np.ndarray, list[int]]:
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    all_data, all_labels = [], []
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
-        labels = [int(v) for v in rng.integers(0, 10, size=per_batch)]
-        with (folder / name).open("wb") as f:
-            pickle.dump({b"batch_label": name.encode(), b"data": data, b"labels": labels}, f)
-        all_data.append(data)
-        all_labels.extend(labels)
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer"]
-    names += [b"dog", b"frog", b"horse", b"ship", b"truck"]
-    with (folder / "batches.meta").open("wb") as f:
-        pickle.dump({b"label_names": names, b"num_vis": 3072}, f)
-    return np.concatenate(all_data), all_labels
+write_cifar = ondisk.write_cifar
 
 
 def test_cifar10_reads_real_batch_format(tmp_path: Path) -> None:
@@ -254,12 +221,8 @@ def test_cifar10_malformed_batch_is_a_data_error(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- GTSRB (PPM tree + CSVs)
 
-CSV_HEADER = "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId\n"
-
-
-def write_ppm(path: Path, width: int, height: int, colour: tuple[int, int, int]) -> None:
-    Image.fromarray(np.full((height, width, 3), colour, dtype=np.uint8)).save(path)
-    assert path.read_bytes()[:2] == b"P6"
+CSV_HEADER = ondisk.GTSRB_CSV_HEADER
+write_ppm = ondisk.write_ppm
 
 
 def write_gtsrb(root: Path) -> None:
