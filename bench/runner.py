@@ -42,7 +42,7 @@ def prepare(path: str | Path, plugins: list[str] | None = None, smoke: bool = Fa
     path = Path(path)
     if not smoke and data_root is None:
         resolved = scenarios.load(path, extra_plugins=plugins)
-        return Prepared(resolved, planning.build(resolved))
+        return _checked(Prepared(resolved, planning.build(resolved)))
     from bench.plugins import load_plugins
     from bench.smoke import smoke_plan, smoke_scenario, with_data_root
 
@@ -54,7 +54,16 @@ def prepare(path: str | Path, plugins: list[str] | None = None, smoke: bool = Fa
     source = f"{path} (smoke)" if smoke else str(path)
     resolved = scenarios.resolve(raw, source=source, base_dir=path.parent, extra_plugins=plugins)
     plan = planning.build(resolved)
-    return Prepared(resolved, smoke_plan(plan) if smoke else plan)
+    return _checked(Prepared(resolved, smoke_plan(plan) if smoke else plan))
+
+
+def _checked(prepared: Prepared) -> Prepared:
+    """Plan-time checks that need the cells: every published value matches at most one of them."""
+    reference = prepared.resolved.scenario.reference
+    if reference is not None:
+        reporting.check_reference(reference.model_dump(), [c.to_dict() for c in prepared.plan.cells],
+                                  prepared.resolved.source)
+    return prepared
 
 
 def store_dir(runs_dir: str | Path, name: str) -> Path:
