@@ -9,7 +9,7 @@ row and channel; the paper's setting is ``delta = 20`` grey levels (20/255 here,
 Clean label in the paper, dirty label here. Barni et al. add the signal to training images *of the target
 class only* and keep their (correct) labels, so no label is wrong and the network learns "signal =>
 target" only because the signal co-occurs with that class. pmoe-bench's engine poisons every trigger the
-same way (DESIGN.md): a ``poison_rate`` fraction of the whole training set, drawn from every class,
+same way (README, Metrics): a ``poison_rate`` fraction of the whole training set, drawn from every class,
 triggered and relabelled to ``target`` (dirty label, all-to-one). So results for ``sig`` here measure the
 SIG *signal* as a dirty-label trigger: it is easier to learn than the paper's clean-label attack (a much
 lower poison rate reaches a high ASR), and the numbers are not comparable to the paper's. The paper also

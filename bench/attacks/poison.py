@@ -1,4 +1,4 @@
-"""Dirty-label, all-to-one data poisoning on whole tensor data sets (DESIGN.md, "Definitions").
+"""Dirty-label, all-to-one data poisoning on whole tensor data sets (the definitions in the README, Metrics).
 
 The poison rate is the fraction of the *whole* training set that is poisoned; the poisoned indices are a
 frozen set drawn from a generator seeded with the cell's seed (BackdoorBox's habit,

@@ -1,7 +1,7 @@
 """The in-memory form every data set takes: whole splits as float tensors in [0, 1].
 
 Keeping whole sets as tensors lets training poison them once and run on the device with no per-sample
-Python (see DESIGN.md, performance stance).
+Python (the performance stance: train where the data already is).
 """
 
 from __future__ import annotations
