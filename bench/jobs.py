@@ -132,7 +132,14 @@ def run_train(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
 
 
 def run_evaluate(spec: dict[str, Any], deps: tuple[str, ...], ctx: JobContext) -> JobOutput:
-    """Evaluate a stored model: BA, and ASR/RA for its attack."""
+    """Evaluate a stored model: BA, and ASR/RA for its attack, with its routing metrics.
+
+    Precision rule: every evaluation runs in fp32 arithmetic, whatever ``spec["precision"]`` (the training
+    precision, part of the job id): a quantized model's integer levels must not be re-rounded by bf16
+    autocast, and the fp32 reference row (``quant`` None) must be fp32 for the comparison to mean
+    anything. A model trained in bf16 additionally gets its bf16-inference numbers on the reference row,
+    labelled ``ba_bf16`` / ``asr_bf16`` / ``ra_bf16``.
+    """
     data = ctx.dataset(spec["dataset"])
     model = build_model(spec["model"], data).to(ctx.device)
     model.load_state_dict(ctx.store.load_state(deps[0], spec.get("stage")))
@@ -140,13 +147,18 @@ def run_evaluate(spec: dict[str, Any], deps: tuple[str, ...], ctx: JobContext) -
     trigger = build_trigger(attack, model) if attack is not None else None
     target = attack["target"] if attack is not None else None
     quant = spec.get("quant")
+    batch = spec["eval_batch_size"]
     if quant is None:
-        return JobOutput(evaluate(model, data, trigger, target, spec["eval_batch_size"], spec["precision"]))
+        metrics = evaluate(model, data, trigger, target, batch, "fp32")
+        if spec.get("precision") == "bf16":
+            low = evaluate(model, data, trigger, target, batch, "bf16", routing=False)
+            metrics.update({f"{k}_bf16": low[k] for k in ("ba", "asr", "ra") if k in low})
+        return JobOutput(metrics)
     config = QuantConfig.from_dict({k: v for k, v in quant.items() if k != "label"})
     if config.scope != "whole" and not any(model.parameter_groups().values()):
         return JobOutput({"not_applicable": f"scope '{config.scope}' needs a model with routing"})
     with quantized(model, config):
-        metrics = evaluate(model, data, trigger, target, spec["eval_batch_size"], spec["precision"])
+        metrics = evaluate(model, data, trigger, target, batch, "fp32")
     return JobOutput(metrics)
 
 

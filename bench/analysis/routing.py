@@ -97,6 +97,9 @@ class RoutingTally:
     """Sums of the routing metrics over batches, so a caller that already runs the model (an evaluation
     loop) can feed the routing it has; :meth:`result` gives the flat dict of the module docstring.
 
+    The sums live on the device of the first batch and :meth:`update` never reads a value back to the
+    host (no synchronisation per batch); :meth:`result` transfers them once, at the end.
+
     ``touch``: ``[rows, cols]`` patches the trigger touches, or None when there is no trigger.
     """
 
@@ -105,65 +108,90 @@ class RoutingTally:
     touch: torch.Tensor | None = None
     n: int = 0
     hits: torch.Tensor = field(init=False)
-    hits_any: int = 0
-    clean_hits_any: int = 0
+    hits_any: torch.Tensor = field(init=False)
+    clean_hits_any: torch.Tensor = field(init=False)
     jaccard: torch.Tensor = field(init=False)
-    overlap: float = 0.0
+    overlap: torch.Tensor = field(init=False)
     counts_clean: torch.Tensor = field(init=False)
     counts_triggered: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        self.hits = torch.zeros(self.experts, dtype=torch.long)
-        self.jaccard = torch.zeros(self.experts, dtype=torch.float64)
-        self.counts_clean = torch.zeros(self.experts, *self.grid, dtype=torch.long)
-        self.counts_triggered = torch.zeros(self.experts, *self.grid, dtype=torch.long)
+        self._allocate(torch.device("cpu"))
+
+    def _allocate(self, device: torch.device) -> None:
+        """Zeroed sums on ``device``."""
+        self.hits = torch.zeros(self.experts, dtype=torch.long, device=device)
+        self.hits_any = torch.zeros((), dtype=torch.long, device=device)
+        self.clean_hits_any = torch.zeros((), dtype=torch.long, device=device)
+        self.jaccard = torch.zeros(self.experts, dtype=torch.float64, device=device)
+        self.overlap = torch.zeros((), dtype=torch.float64, device=device)
+        self.counts_clean = torch.zeros(self.experts, *self.grid, dtype=torch.long, device=device)
+        self.counts_triggered = torch.zeros(self.experts, *self.grid, dtype=torch.long, device=device)
+        if self.touch is not None:
+            self.touch = self.touch.to(device)
 
     def update(self, clean: torch.Tensor, triggered: torch.Tensor | None = None) -> None:
         """Add a batch: selections ``[B, E, r, c]`` of clean images and of the same images triggered."""
         if clean.shape[1:] != (self.experts, *self.grid):
             raise ValueError(f"selection of shape {tuple(clean.shape)} does not match {self.experts} experts "
                              f"on a {self.grid[0]}x{self.grid[1]} grid")
-        self.n += int(clean.shape[0])
-        self.counts_clean += selection_counts(clean).cpu()
-        if self.experts > 1:
-            self.overlap += float(expert_overlap(clean).sum())
-        if triggered is None:
-            return
-        if triggered.shape != clean.shape:
+        if triggered is not None and triggered.shape != clean.shape:
             raise ValueError(f"clean and triggered selections differ: {tuple(clean.shape)} vs "
                              f"{tuple(triggered.shape)}")
-        self.counts_triggered += selection_counts(triggered).cpu()
-        self.jaccard += selection_jaccard(clean, triggered).sum(dim=0).cpu()
+        if self.n == 0 and self.hits.device != clean.device:
+            self._allocate(clean.device)
+        self.n += int(clean.shape[0])
+        self.counts_clean += selection_counts(clean)
+        if self.experts > 1:
+            self.overlap += expert_overlap(clean).sum()
+        if triggered is None:
+            return
+        self.counts_triggered += selection_counts(triggered)
+        self.jaccard += selection_jaccard(clean, triggered).sum(dim=0)
         if self.touch is not None:
             hits = trigger_hits(triggered, self.touch)
-            self.hits += hits.sum(dim=0).cpu()
-            self.hits_any += int(hits.any(dim=1).sum())
-            self.clean_hits_any += int(trigger_hits(clean, self.touch).any(dim=1).sum())
+            self.hits += hits.sum(dim=0)
+            self.hits_any += hits.any(dim=1).sum()
+            self.clean_hits_any += trigger_hits(clean, self.touch).any(dim=1).sum()
+
+    def _on_host(self) -> dict[str, torch.Tensor]:
+        """Every sum on the CPU, in one device-to-host transfer (float64 holds the counts exactly)."""
+        names = ("hits", "hits_any", "clean_hits_any", "jaccard", "overlap", "counts_clean", "counts_triggered")
+        parts = [getattr(self, name) for name in names]
+        flat = torch.cat([p.reshape(-1).double() for p in parts]).cpu()
+        out, offset = {}, 0
+        for name, part in zip(names, parts, strict=True):
+            out[name] = flat[offset : offset + part.numel()].reshape(part.shape)
+            offset += part.numel()
+        return out
 
     def result(self) -> dict[str, float]:
         """The flat metrics dict (empty before any update)."""
         if self.n == 0:
             return {}
+        host = self._on_host()
         n = float(self.n)
         out: dict[str, float] = {"route_n_images": n}
         if self.touch is not None:
-            out["route_touched_patches"] = float(self.touch.sum())
-            out["route_trigger_patch_share"] = float(self.touch.sum()) / self.touch.numel()
-            out["route_rate_any"] = self.hits_any / n
-            out.update({f"route_rate_e{i}": float(v) / n for i, v in enumerate(self.hits)})
-            out["route_rate_clean_any"] = self.clean_hits_any / n
-        if int(self.counts_triggered.sum()) > 0:
-            jac = self.jaccard / n
+            touch = self.touch.cpu()
+            out["route_touched_patches"] = float(touch.sum())
+            out["route_trigger_patch_share"] = float(touch.sum()) / touch.numel()
+            out["route_rate_any"] = float(host["hits_any"]) / n
+            out.update({f"route_rate_e{i}": float(v) / n for i, v in enumerate(host["hits"])})
+            out["route_rate_clean_any"] = float(host["clean_hits_any"]) / n
+        triggered = float(host["counts_triggered"].sum()) > 0
+        if triggered:
+            jac = host["jaccard"] / n
             out["route_jaccard_mean"] = float(jac.mean())
             out.update({f"route_jaccard_e{i}": float(v) for i, v in enumerate(jac)})
         if self.experts > 1:
-            out["route_expert_overlap"] = self.overlap / n
-        cv = load_cv(self.counts_clean)
+            out["route_expert_overlap"] = float(host["overlap"]) / n
+        cv = load_cv(host["counts_clean"])
         out["load_cv_mean"] = float(cv.mean())
         out["load_cv_std"] = float(cv.std(correction=0))
         out.update({f"load_cv_e{i}": float(v) for i, v in enumerate(cv)})
-        if int(self.counts_triggered.sum()) > 0:
-            out["load_cv_triggered_mean"] = float(load_cv(self.counts_triggered).mean())
+        if triggered:
+            out["load_cv_triggered_mean"] = float(load_cv(host["counts_triggered"]).mean())
         return out
 
 
