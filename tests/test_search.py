@@ -1,8 +1,9 @@
 """`bench search`: the search block, objectives, studies in real SQLite storages, resuming, sharing a study
 between processes, pruning, constraints, and best.yaml run back through `bench run`.
 
-Trainings are the tiny kind (digits at 16x16, a width-1 pMoE with 2 experts, one or two epochs); Adam at
-lr 0.01 so that a BadNets square at intensity 1 is learnt (ASR ~1) and intensity 0 is not (ASR ~0).
+Trainings are the tiny kind (digits at 16x16, a width-1 pMoE with 2 experts, one to three epochs); Adam at
+lr 0.01 so that a BadNets square at intensity 1 is learnt (ASR ~1 from epoch 2 on; after epoch 1 the probe
+ASR is still at chance, ~0.1, at either intensity) and intensity 0 is not (ASR ~0).
 """
 
 from __future__ import annotations
@@ -288,50 +289,61 @@ def test_probe_leaves_training_bit_identical(write_scenario) -> None:
 def test_dormant_search_prunes_resumes_honours_constraints_and_best_yaml_reruns(write_scenario,
                                                                                tmp_path: Path) -> None:
     runs, reports = tmp_path / "runs", tmp_path / "reports"
-    # dormant: maximise ASR at int8 subject to fp32 ASR <= 50%. Intensity 0 (no trigger at all) is feasible
-    # with a low value; intensity 1 learns the backdoor: a high value that violates the fp32 constraint.
+    # dormant: maximise ASR at int8 subject to fp32 ASR <= 50%. Intensity 1 learns the backdoor (by epoch 2):
+    # a high value that violates the fp32 constraint. Intensity 0 (no trigger at all) is feasible with a low
+    # value. The loud point goes first, so that the quiet one is judged against it. After epoch 1 neither
+    # model has learnt anything about the trigger (both probe ASRs sit at chance, ~0.1, a few hundredths
+    # apart either way), so the pruner's warm-up skips that epoch; at epoch 2 the loud trial's value is ~0.5
+    # (ASR@int8 ~1 minus the fp32 ASR in excess of tau) and the quiet one's ~0.02: far apart.
     raw = search_scenario(
-        epochs=2, objective="dormant", tau=0.5, epsilon=0.5, n_trials=2, params=[STRENGTH_01],
-        pruner={"name": "median", "startup_trials": 1},
-        enqueue=[{"attacks.0.strength": 0.0}, {"attacks.0.strength": 1.0}],
+        epochs=3, objective="dormant", tau=0.5, epsilon=0.5, n_trials=2, params=[STRENGTH_01],
+        pruner={"name": "median", "startup_trials": 1, "warmup_epochs": 1},
+        enqueue=[{"attacks.0.strength": 1.0}, {"attacks.0.strength": 0.0}],
     )
     path = write_scenario(raw)
     first = invoke([str(path), "--runs-dir", str(runs), "--reports-dir", str(reports)])
     assert first.exit_code == 0, first.output
-    quiet, loud = study_of(runs).get_trials()
-    # pruning: after epoch 1 the intensity-1 model has not learnt the trigger yet, so its intermediate value
-    # is below trial 0's at that epoch and the median pruner stops it there, one epoch early
-    assert quiet.state == TrialState.COMPLETE and sorted(quiet.intermediate_values) == [1, 2]
-    assert loud.state == TrialState.PRUNED and sorted(loud.intermediate_values) == [1]
-    assert loud.intermediate_values[1] < quiet.intermediate_values[1]
-    assert "trial 1 pruned at epoch 1" in " ".join(first.output.split())
+    loud, quiet = study_of(runs).get_trials()
+    assert loud.params["attacks.0.strength"] == 1.0 and quiet.params["attacks.0.strength"] == 0.0
+    # pruning: at epoch 2 the intensity-0 model's intermediate value is below the median of trial 0's at that
+    # epoch, and the median pruner stops it there, one epoch early (not at epoch 1: the warm-up)
+    assert loud.state == TrialState.COMPLETE and sorted(loud.intermediate_values) == [1, 2, 3]
+    assert quiet.state == TrialState.PRUNED and sorted(quiet.intermediate_values) == [1, 2]
+    assert loud.intermediate_values[2] > quiet.intermediate_values[2] + 0.2
+    assert "trial 1 pruned at epoch 2" in " ".join(first.output.split())
     stored = {r.id for r in train_rows(runs)}
-    assert quiet.user_attrs["jobs"]["train"] in stored
-    assert loud.user_attrs["jobs"]["train"] not in stored  # a pruned job leaves no row
+    assert loud.user_attrs["jobs"]["train"] in stored
+    assert quiet.user_attrs["jobs"]["train"] not in stored  # a pruned job leaves no row
     assert len(stored) == 2  # the clean baseline and trial 0
 
     # resume with two more trials and no pruning (the pruner is not part of what a study is made for): the
-    # enqueued intensity 1 replays trial 1's epoch 1, is not pruned this time, and trains to the end
-    study_of(runs).enqueue_trial({"attacks.0.strength": 1.0})
+    # enqueued intensity 0 replays trial 1's epochs 1 and 2, is not pruned this time, and trains to the end
+    study_of(runs).enqueue_trial({"attacks.0.strength": 0.0})
     unpruned = write_scenario({**raw, "search": {**raw["search"], "pruner": "none"}}, "unpruned.yaml")
     second = run_search(unpruned, n_trials=2, runs_dir=runs, reports_dir=reports)
     assert second.ran == [2, 3]
     trials = study_of(runs).get_trials()
     assert [t.number for t in trials] == [0, 1, 2, 3]
     trained, repeat = trials[2], trials[3]
-    assert trained.state == TrialState.COMPLETE and trained.user_attrs["replayed_from"] == loud.number
-    assert trained.intermediate_values[1] == loud.intermediate_values[1]
+    assert trained.params["attacks.0.strength"] == 0.0
+    assert trained.state == TrialState.COMPLETE and trained.user_attrs["replayed_from"] == quiet.number
+    assert sorted(trained.intermediate_values) == [1, 2, 3]  # epochs 1-2 replayed, epoch 3 trained and probed
+    assert {e: trained.intermediate_values[e] for e in (1, 2)} == quiet.intermediate_values
+    assert trained.user_attrs["jobs"]["train"] == quiet.user_attrs["jobs"]["train"]
+    assert trained.user_attrs["jobs"]["train"] in {r.id for r in train_rows(runs)}
     # trial 3 draws intensity 0 or 1, both finished before: its jobs are all reused, nothing recomputes
     assert repeat.state == TrialState.COMPLETE and repeat.user_attrs["ran_jobs"] == 0
-    assert len(train_rows(runs)) == 3  # clean, intensity 0, intensity 1: one training each
+    assert len(train_rows(runs)) == 3  # clean, intensity 1, intensity 0: one training each
     # without --n-trials the block's total (2) is the budget, and the study has 4 finished: nothing runs
     third = run_search(unpruned, runs_dir=runs, reports_dir=reports)
     assert third.ran == [] and len(study_of(runs).get_trials()) == 4
 
-    # constraints: trial 2 has the higher value but breaks fp32 ASR <= tau; the best trial is feasible
-    assert trained.constraints["fp32_asr_over_tau"] > 0 and trained.value > quiet.value
+    # constraints: trial 0 has the higher value but breaks fp32 ASR <= tau; the best trial is feasible
+    assert loud.constraints["fp32_asr_over_tau"] > 0 and loud.value > trained.value
+    assert all(v <= 0 for v in trained.constraints.values())
     best = third.best.chosen
     assert best is not None and best.params["attacks.0.strength"] == 0.0
+    assert best.number in (trained.number, repeat.number) and best.value == trained.value
     assert all(v <= 0 for v in best.constraints.values())
     assert "## Best trial" in third.report_path.read_text()
 
