@@ -88,6 +88,8 @@ def fit(
     """Train ``model`` in place on ``(x, y)`` (already on the model's device) with settings ``cfg``
     (a resolved :class:`bench.scenario.TrainSpec` dict). ``epochs`` overrides ``cfg["epochs"]`` (defenses
     fine-tune for their own budget); ``trainable`` restricts which parameters the optimizer updates.
+    An objective with a ``before_batch(indices)`` method gets each batch's training-set indices as a host
+    tensor before it is called (qcb finds its triggered rows there without reading the device).
     A NaN or infinite mean epoch loss raises :class:`bench.errors.TrainingDiverged` (checked at the
     epoch's one host sync): a diverged model is a failed job, never a result.
     """
@@ -111,16 +113,20 @@ def fit(
         if cfg.get("precision") == "bf16"
         else contextlib.nullcontext()
     )
+    before_batch = getattr(objective, "before_batch", None)
     result = TrainResult()
     was_training = model.training
     model.train()
     start = time.perf_counter()
     try:
         for epoch in range(epochs):
-            order = torch.randperm(len(x), generator=cpu_gen).to(device)
+            host_order = torch.randperm(len(x), generator=cpu_gen)
+            order = host_order.to(device)
             total = torch.zeros((), device=device)
             for begin in range(0, len(x), cfg["batch_size"]):
                 idx = order[begin : begin + cfg["batch_size"]]
+                if before_batch is not None:
+                    before_batch(host_order[begin : begin + cfg["batch_size"]])
                 xb = augment_batch(x[idx], augment, generator)
                 if cfg.get("channels_last"):
                     xb = xb.contiguous(memory_format=torch.channels_last)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -317,6 +319,80 @@ def test_finish_leaves_a_plain_model_with_the_original_keys() -> None:
     training.finish()  # idempotent
     assert list(model.state_dict()) == keys and [n for n, _ in model.named_parameters()] == names
     assert not any(hasattr(m, "parametrizations") for m in model.modules())
+
+
+# --- host synchronisation ------------------------------------------------------------------------------
+
+#: Tensor methods that read a device value back to the host (each one a synchronisation on a GPU).
+HOST_READS = ("item", "cpu", "tolist", "nonzero", "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextlib.contextmanager
+def host_reads() -> Iterator[list[str]]:
+    """Counts every call of :data:`HOST_READS` (and ``torch.nonzero``) inside the block, by name."""
+    calls: list[str] = []
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+    original_nonzero = torch.nonzero
+
+    def counting(name: str, method: Any) -> Any:
+        def wrapper(self: Tensor, *args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return method(self, *args, **kwargs)
+        return wrapper
+
+    try:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, counting(name, method))
+        torch.nonzero = counting("torch.nonzero", original_nonzero)  # type: ignore[assignment]
+        yield calls
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
+        torch.nonzero = original_nonzero  # type: ignore[assignment]
+
+
+def test_fit_with_the_qcb_objective_reads_the_device_once_per_epoch() -> None:
+    """Every term active (fp32 trigger term, guards, q_clean): over a 6-step epoch the only host read is
+    fit's epoch loss; the objective's steps read nothing (they find their triggered rows on the host)."""
+    data_x = torch.rand(96, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    data_y = torch.randint(0, 10, (96,), generator=torch.Generator().manual_seed(1))
+    model = tiny_model()
+    spec = QCBSpec(lambda_q_clean=0.5, lambda_fp_trigger=0.5, guard_bits=[8], lambda_guard=0.5)
+    training = prepare_qcb(spec, model, data_x, data_y, trigger(), TARGET, 0.2, seed=0)
+    cfg = {"epochs": 1, "batch_size": 16, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0}
+    try:
+        with host_reads() as calls:
+            fit(model, training.x, training.y, cfg, seed=0, objective=training.objective)
+    finally:
+        training.finish()
+    assert calls == ["item"], calls  # one per epoch, none per step
+
+
+def test_host_indexed_rows_give_the_losses_of_the_mask_indexed_ones() -> None:
+    """The same batch through before_batch (rows from host indices) and through yb (boolean mask, the
+    former formulation): every term bit for bit, and no host read on the first path."""
+    x, y = torch.rand(N_TRAIN, 1, 16, 16), torch.randint(1, 10, (N_TRAIN,))
+    fields = {"lambda_q_clean": 0.5, "lambda_fp_trigger": 0.5, "guard_bits": [8], "lambda_guard": 0.5}
+    a, b = tiny_model(), tiny_model()
+    ta = prepare_qcb(QCBSpec(**fields), a, x, y, trigger(), TARGET, 0.25, seed=0)
+    tb = prepare_qcb(QCBSpec(**fields), b, x, y, trigger(), TARGET, 0.25, seed=0)
+    order = torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(2))
+    xb, yb = ta.x[order], ta.y[order]
+    assert int(yb[:, 1].sum()) == 3  # the batch has triggered rows
+    ta.objective.before_batch(order)
+    with host_reads() as calls:
+        terms_a = ta.objective.terms(a, xb, yb)
+    assert calls == []
+    x_all, labels, y_t, targets = split(xb, yb)
+    terms_b = tb.objective.terms(b, xb, yb)
+    assert set(terms_a) == set(terms_b) == {"qat", "q_clean", "bd", "fp_trigger", "guard8"}
+    for name in terms_a:
+        assert torch.equal(terms_a[name], terms_b[name]), name
+    with torch.no_grad():
+        expected_bd = F.cross_entropy(logits(tiny_model(), x_all, 4)[N_TRAIN:], targets)
+    assert torch.allclose(terms_a["bd"], expected_bd, atol=1e-6)
+    ta.finish()
+    tb.finish()
 
 
 # --- end to end -----------------------------------------------------------------------------------------

@@ -230,6 +230,30 @@ def test_tally_sums_batches_like_one_pass() -> None:
         once.update(sel[:, :1])
 
 
+def test_tally_and_evaluation_pass_read_nothing_back_per_batch() -> None:
+    """The evaluation loop (forward passes) and the tally's updates stay on the device: no host read per
+    batch; the result reads the sums back once (one transfer, plus the touch mask's share)."""
+    from bench.evaluate import forward_pass
+    from tests.test_qcb import host_reads
+
+    model = transparent_pmoe([1.0, -1.0], 2)
+    x = patch_images(ranked_values(8, 4))
+    touch = torch.zeros(GRID, GRID, dtype=torch.bool)
+    touch[1, 1] = True
+    tally = RoutingTally(2, (GRID, GRID), touch)
+    with host_reads() as calls:
+        clean = forward_pass(model, x, batch_size=3)
+        triggered = forward_pass(model, x.flip(0), batch_size=3)
+        for begin in range(0, x.shape[0], 3):
+            tally.update(clean.selection[begin : begin + 3], triggered.selection[begin : begin + 3])
+    assert calls == []
+    with host_reads() as calls:
+        out = tally.result()
+    assert calls.count("cpu") <= 2 and "item" not in calls
+    assert out == pytest.approx(routing_metrics(model, x, x.flip(0), None, 3) | {
+        k: v for k, v in out.items() if k.startswith(("route_rate", "route_touched", "route_trigger"))})
+
+
 def test_dense_model_has_no_routing_metrics() -> None:
     dense = REGISTRY.get("model", "dense").create(
         input_shape=(1, SIZE, SIZE), num_classes=2, mean=(0.0,), std=(1.0,), width=1

@@ -63,6 +63,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -279,7 +280,11 @@ class CellProjection:
 class QCBObjective:
     """The loss of one training step, ``objective(model, xb, yb) -> loss`` for :func:`bench.train.fit`.
 
-    ``yb`` is ``[B, 2]``: the true label and whether the row carries the trigger. Phases, by epoch:
+    ``yb`` is ``[B, 2]``: the true label and whether the row carries the trigger. Which rows carry it is
+    also known on the host (``marked``, the frozen training-set indices): :func:`bench.train.fit` hands
+    :meth:`before_batch` the batch's indices, so a step picks its triggered rows by an index that never
+    leaves the host (no device-to-host synchronisation per step, where boolean-mask indexing of ``yb``
+    costs one). Without that call (a direct caller), the rows are read from ``yb`` instead. Phases, by epoch:
     ``warmup`` (fp32 cross-entropy alone), ``attack`` (every weighted term; the dormancy terms only without a
     repair phase), ``repair`` (B_t-bit model frozen, see :class:`CellProjection`; fp32 clean term, fp32
     trigger term, guards). :meth:`terms` gives the unweighted terms of a batch; calling the object gives
@@ -287,7 +292,8 @@ class QCBObjective:
     """
 
     def __init__(
-        self, spec: QCBSpec, model: nn.Module, handle: QATHandle, trigger: Trigger, target: int, n_train: int
+        self, spec: QCBSpec, model: nn.Module, handle: QATHandle, trigger: Trigger, target: int, n_train: int,
+        marked: Tensor | None = None,
     ) -> None:
         self.spec = spec
         self.model = model
@@ -297,6 +303,26 @@ class QCBObjective:
         self.n_train = n_train
         self.seen = 0
         self.projection: CellProjection | None = None
+        self._flags: np.ndarray | None = None
+        if marked is not None:
+            self._flags = np.zeros(n_train, dtype=bool)
+            self._flags[marked.cpu().numpy()] = True
+        self._rows: Tensor | None = None  # positions of the next batch's marked rows (host tensor)
+
+    def before_batch(self, indices: Tensor) -> None:
+        """:func:`bench.train.fit`'s hook: the training-set indices (host tensor) of the next batch. The
+        positions of its marked rows are found on the host, with numpy, so no device value is read."""
+        if self._flags is None:
+            return
+        self._rows = torch.from_numpy(np.flatnonzero(self._flags[indices.numpy()]))
+
+    def _marked_rows(self, yb: Tensor) -> Tensor:
+        """Positions ``[m]`` (long, on ``yb``'s device, ascending) of the batch's rows carrying the trigger:
+        from :meth:`before_batch` when it ran for this batch, else from ``yb`` (one host sync)."""
+        rows, self._rows = self._rows, None
+        if rows is not None:
+            return rows.to(yb.device, non_blocking=True)
+        return yb[:, MARKED].nonzero().squeeze(1)
 
     @property
     def phase(self) -> Phase:
@@ -325,12 +351,13 @@ class QCBObjective:
 
     def terms(self, model: nn.Module, xb: Tensor, yb: Tensor) -> dict[str, Tensor]:
         """The unweighted loss terms of this batch in the current phase (means of cross-entropies)."""
-        labels, marked = yb[:, LABEL], yb[:, MARKED].bool()
+        labels = yb[:, LABEL]
+        rows = self._marked_rows(yb)
         if self.phase == "warmup":
             with self.handle.fp32():
                 return {"fp_clean": F.cross_entropy(model(xb), labels)}
-        y_t = labels[marked]
-        x_t = self.trigger(xb[marked].detach()).to(xb.dtype) if y_t.numel() else None
+        y_t = labels.index_select(0, rows)
+        x_t = self.trigger(xb.index_select(0, rows).detach()).to(xb.dtype) if rows.shape[0] else None
         plan = self._plan(labels, y_t, x_t is not None)
         outputs = self._forwards(model, xb, x_t, plan)
         return {term: F.cross_entropy(outputs[term], target) for term, (_, _, target) in plan.items()}
@@ -435,5 +462,5 @@ def prepare_qcb(
     flags = torch.zeros_like(y)
     flags[marked.to(y.device)] = 1
     handle = attach_qat(model, spec.quant_config)
-    objective = QCBObjective(spec, model, handle, trigger, int(target), int(x.shape[0]))
+    objective = QCBObjective(spec, model, handle, trigger, int(target), int(x.shape[0]), marked)
     return QCBTraining(x, torch.stack([y, flags], dim=1), objective, handle, marked)
