@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from bench.data.base import TensorData
 from bench.errors import BenchError, ScenarioError
 from bench.execute.local import ExecutionSummary, Reporter, execute
 from bench.execute.pool import execute_parallel
-from bench.execute.ray_cluster import execute_ray
+from bench.execute.ray_cluster import RayCluster, check_shares, execute_ray
 from bench.jobs import DatasetCache, JobContext
 from bench.store import JobRecord, Store, git_commit, open_existing, remove_store
 from bench.train import resolve_device
@@ -156,6 +156,7 @@ class RunOutcome:
     report_path: Path
     store: Store
     failed: list[str]  # jobs of the plan recorded as failed (now or in an earlier run)
+    regenerated: list[str] = field(default_factory=list)  # done jobs rerun: their model file was not whole
 
 
 def run(
@@ -172,47 +173,104 @@ def run(
     retry_failed: bool = False,
     smoke: bool = False,
     data_root: str | Path | None = None,
+    artifacts_dir: str | Path | None = None,
+    cpus_per_job: float | None = None,
+    gpus_per_job: float | None = None,
 ) -> RunOutcome:
     """Run a scenario to completion (resuming whatever the store already holds) and write its report;
     ``workers > 1`` runs independent jobs at once in worker processes (:mod:`bench.execute.pool`);
-    ``executor="ray"`` runs them as tasks on a Ray cluster (:mod:`bench.execute.ray_cluster`)."""
+    ``executor="ray"`` runs them on a Ray cluster (:mod:`bench.execute.ray_cluster`), each job on
+    ``cpus_per_job`` CPUs and ``gpus_per_job`` GPUs. ``artifacts_dir``: model files go to
+    ``<artifacts_dir>/<name>/`` (shared storage for a cluster) while the results database stays in
+    ``<runs_dir>/<name>/`` (a local disk)."""
+    _check_options(executor, address, workers, cpus_per_job, gpus_per_job)
+    prepared = prepare(path, plugins, smoke, data_root)
+    requested = device or prepared.resolved.scenario.device
+    cluster = RayCluster(address) if executor == "ray" else None
+    try:
+        dev = cluster.device(requested) if cluster is not None else local_device(requested)
+        name = prepared.resolved.name
+        root = store_dir(runs_dir, name)
+        if fresh:
+            remove_store(root)  # only what a store wrote, and only a folder that is one
+        store = Store(root, Path(artifacts_dir) / name if artifacts_dir is not None else None)
+        if retry_failed:
+            store.delete(failed_jobs(prepared.plan, store))
+        store.set_meta("scenario", prepared.resolved.scenario.model_dump())
+        store.set_meta("source", prepared.resolved.source)
+        store.set_meta("cells", [c.to_dict() for c in prepared.plan.cells])
+        store.set_meta("defenses", prepared.plan.defenses)
+        store.set_meta("device", str(dev))
+        # one process: its jobs reuse the data loaded here; else the workers load their own and this
+        # process loads (and downloads, once) on the CPU only, holding no CUDA context
+        ctx = JobContext(store, dev) if executor == "local" and workers == 1 else None
+        dataset_of = ctx.dataset if ctx is not None else DatasetCache(torch.device("cpu"))
+        check_data(prepared, dataset_of)
+        pictures = trigger_pictures(prepared, dataset_of, Path(reports_dir) / name)
+        store.set_meta("pictures", [str(p.resolve()) for p in pictures])
+        del dataset_of
+        regenerated = regenerate_broken_inputs(prepared.plan, store)
+        if cluster is not None:
+            summary = execute_ray(prepared.plan, store, dev, reporter, cpus_per_job=cpus_per_job or 1.0,
+                                  gpus_per_job=gpus_per_job, plugin_files=prepared.resolved.plugin_files,
+                                  data_base=os.getcwd())
+        elif workers > 1:
+            summary = execute_parallel(prepared.plan, store, dev, workers, reporter,
+                                       plugin_files=prepared.resolved.plugin_files)
+        else:
+            summary = execute(prepared.plan, store, dev, reporter, ctx=ctx)
+    finally:
+        if cluster is not None:
+            cluster.close()
+    report_path = write_report(store, Path(reports_dir) / f"{name}.md")
+    return RunOutcome(summary, report_path, store, failed_jobs(prepared.plan, store), regenerated)
+
+
+def _check_options(executor: str, address: str | None, workers: int, cpus_per_job: float | None,
+                   gpus_per_job: float | None) -> None:
+    """Option combinations that cannot work, before anything is loaded."""
     if executor not in ("local", "ray"):
         raise BenchError(f"--executor: must be local or ray, got {executor!r}")
     if address is not None and executor != "ray":
         raise BenchError("--address: only --executor ray connects to a cluster")
     if workers > 1 and executor == "ray":
         raise BenchError("--workers: the Ray executor runs as many jobs as the cluster has room for; drop --workers")
-    prepared = prepare(path, plugins, smoke, data_root)
-    root = store_dir(runs_dir, prepared.resolved.name)
-    if fresh:
-        remove_store(root)  # only what a store wrote, and only a folder that is one
-    store = Store(root)
-    if retry_failed:
-        store.delete(failed_jobs(prepared.plan, store))
-    dev = resolve_device(device or prepared.resolved.scenario.device)
-    store.set_meta("scenario", prepared.resolved.scenario.model_dump())
-    store.set_meta("source", prepared.resolved.source)
-    store.set_meta("cells", [c.to_dict() for c in prepared.plan.cells])
-    store.set_meta("defenses", prepared.plan.defenses)
-    store.set_meta("device", str(dev))
-    ctx = JobContext(store, dev)
-    check_data(prepared, ctx.dataset)
-    pictures = trigger_pictures(prepared, ctx.dataset, Path(reports_dir) / prepared.resolved.name)
-    store.set_meta("pictures", [str(p.resolve()) for p in pictures])
-    if executor == "ray" or workers > 1:
-        ctx = None  # the workers load their own data; this process keeps none on the device
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+    for option, value in (("--cpus-per-job", cpus_per_job), ("--gpus-per-job", gpus_per_job)):
+        if value is not None and executor != "ray":
+            raise BenchError(f"{option}: only --executor ray gives jobs shares of a node; use --workers locally")
     if executor == "ray":
-        summary = execute_ray(prepared.plan, store, dev, reporter, address=address,
-                              plugin_files=prepared.resolved.plugin_files)
-    elif workers > 1:
-        summary = execute_parallel(prepared.plan, store, dev, workers, reporter,
-                                   plugin_files=prepared.resolved.plugin_files)
-    else:
-        summary = execute(prepared.plan, store, dev, reporter, ctx=ctx)
-    report_path = write_report(store, Path(reports_dir) / f"{prepared.resolved.name}.md")
-    return RunOutcome(summary, report_path, store, failed_jobs(prepared.plan, store))
+        check_shares(cpus_per_job if cpus_per_job is not None else 1.0, gpus_per_job)
+
+
+def local_device(requested: str) -> torch.device:
+    """The device of a run on this machine; CUDA must be usable here (else one line, not a traceback in
+    the first job)."""
+    try:
+        dev = resolve_device(requested)
+    except RuntimeError:
+        raise BenchError(f"--device {requested}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise BenchError(f"--device {requested}: PyTorch sees no CUDA device on this machine "
+                             f"(torch {torch.__version__}); use --device cpu or auto")
+        if dev.index is not None and dev.index >= count:
+            raise BenchError(f"--device {requested}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    return dev
+
+
+def regenerate_broken_inputs(plan: planning.Plan, store: Store) -> list[str]:
+    """Forget the recorded jobs whose model file a pending job would read but that is missing, partial or
+    corrupt (checked against its checksum), so they run again before it; their ids."""
+    forgotten: list[str] = []
+    while True:
+        done = store.done_ids()
+        broken = sorted({dep for job in plan.pending(done) for dep in job.deps if dep in done
+                         and store.check_input(dep, job.spec.get("stage") if job.kind == "evaluate" else None)})
+        if not broken:
+            return forgotten
+        store.delete(broken)
+        forgotten += broken
 
 
 def failed_jobs(plan: planning.Plan, store: Store) -> list[str]:
@@ -250,6 +308,7 @@ def report_rows(store: Store) -> tuple[list[reporting.Row], dict[str, Any]]:
         "device": store.get_meta("device", "?"),
         "store": str(store.root),
     }
+    meta["min_seeds"] = reporting.required_seeds(scenario, cells)
     meta["detections"] = reporting.detections(defenses, records)
     meta["provenance"] = reporting.provenance(_with_inputs(store, records))
     return reporting.aggregate(cells, records), meta

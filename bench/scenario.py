@@ -110,13 +110,20 @@ class AttackEntry(ComponentEntry):
 
 class ReferenceValue(_Strict):
     """A published number for one cell, in percent as papers print them (matched on dataset, trigger
-    name, apply mode and poison rate; ``model`` narrows the match when given)."""
+    name, apply mode and poison rate; ``model`` and the ``*params`` / ``train`` fields narrow the match; a
+    row matching several cells is refused at plan time, naming the fields to add)."""
 
     dataset: str
     attack: str
     apply: Literal["image", "badpatches"] = "image"
     poison_rate: float = Field(gt=0, le=1)
     model: str | None = None
+    #: narrow the match when several cells share the fields above: trigger parameters (with ``target`` and a
+    #: nested ``objective``; ``objective: null`` = cells without one), model, data set and train parameters
+    params: dict[str, Any] | None = None
+    model_params: dict[str, Any] | None = None
+    dataset_params: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
     asr: float | None = None
     ba: float | None = None
     cad: float | None = None
