@@ -128,6 +128,8 @@ def run_train(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
         final_loss=result.epoch_losses[-1],
         epoch_losses=result.epoch_losses,
     )
+    if result.compile_frames is not None:
+        metrics.update(compile_frames=result.compile_frames, compile_recompiles=result.compile_recompiles)
     return JobOutput(metrics, model.state_dict())
 
 

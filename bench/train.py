@@ -9,8 +9,12 @@ report the loss), never per step.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
 import math
+import os
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +43,77 @@ class TrainResult:
     epoch_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     images_per_second: float = 0.0
+    #: With ``compile``: frames Dynamo compiled during this run, and how many of them were recompilations
+    #: (every compilation but the first of this architecture in this process). None without ``compile``.
+    compile_frames: int | None = None
+    compile_recompiles: int | None = None
+
+
+#: Environment variable naming the torch.compile backend (tests use ``eager``); default ``inductor``.
+COMPILE_BACKEND_ENV = "PMOE_BENCH_COMPILE_BACKEND"
+
+_COMPILED: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {}
+
+
+_PER_JOB = itertools.count()
+
+
+def _call(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x)
+
+
+def compiled_forward(
+    model: nn.Module, backend: str, tag: str = ""
+) -> tuple[Callable[[nn.Module, torch.Tensor], torch.Tensor], bool]:
+    """A compiled ``f(model, x) = model(x)`` shared by every model of ``model``'s architecture (its
+    ``repr``: layers and shapes) and ``tag`` (precision, memory format), and whether it is new.
+
+    Dynamo keeps its compiled versions per code object and gives up compiling a code object after
+    ``torch._dynamo.config.recompile_limit`` (8) versions, for the rest of the process. Every model shares
+    ``BenchModel.forward``, so plain ``torch.compile(model)`` lets architectures, QAT variants and partial
+    batches use up one budget. Here each architecture gets a code object of its own (a copy of
+    :func:`_call`'s, renamed) and the model is an argument, not part of the function: a second model of
+    the same architecture (the next job) reuses the compiled graph instead of adding a version.
+
+    A model under QAT (``torch.nn.utils.parametrize``) is an exception: parametrize gives every
+    parametrized layer a class of its own, which Dynamo guards on, so no compiled graph can serve the
+    next job's model. Such a model gets a fresh code object that is not kept (its versions, one per
+    quantized precision and batch shape of the job, die with it) and can never use up another's budget.
+    """
+    from torch.nn.utils import parametrize
+
+    per_job = any(parametrize.is_parametrized(m) for m in model.modules())
+    key = hashlib.sha1(f"{backend}|{tag}|{model!r}".encode()).hexdigest()[:16]
+    fn = None if per_job else _COMPILED.get(key)
+    if fn is not None:
+        return fn, False
+    name = f"pmoe_bench_forward_{key}" + (f"_job{next(_PER_JOB)}" if per_job else "")
+    code = _call.__code__.replace(co_name=name, co_qualname=name)
+    fresh = types.FunctionType(code, _call.__globals__, name)
+    fn = torch.compile(fresh, backend=backend)
+    if not per_job:
+        _COMPILED[key] = fn
+    return fn, True
+
+
+class CompiledStep(nn.Module):
+    """``model`` behind a compiled forward of its architecture (:func:`compiled_forward`); still an
+    ``nn.Module`` holding ``model``, so objectives that walk its modules (qcb's BatchNorm modes) work."""
+
+    def __init__(self, model: nn.Module, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self._fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fn(self.model, x)
+
+
+def _frames_compiled() -> int:
+    """Frames Dynamo compiled so far in this process (its ``frames/ok`` counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["ok"])
 
 
 def resolve_device(device: str) -> torch.device:
@@ -84,12 +159,18 @@ def fit(
     on_epoch: EpochCallback | None = None,
     epochs: int | None = None,
     trainable: list[nn.Parameter] | None = None,
+    compile_backend: str | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``(x, y)`` (already on the model's device) with settings ``cfg``
     (a resolved :class:`bench.scenario.TrainSpec` dict). ``epochs`` overrides ``cfg["epochs"]`` (defenses
     fine-tune for their own budget); ``trainable`` restricts which parameters the optimizer updates.
     An objective with a ``before_batch(indices)`` method gets each batch's training-set indices as a host
     tensor before it is called (qcb finds its triggered rows there without reading the device).
+    With ``cfg["compile"]`` the full batches run through the compiled forward of the model's architecture
+    (:func:`compiled_forward`, backend ``compile_backend``, else ``$PMOE_BENCH_COMPILE_BACKEND``, else
+    inductor) and the last partial batch through the plain module: one more batch shape would add a
+    version (a recompilation) to every job, and dropping the batch would change the data a model sees.
+    The result counts the compilations (``compile_frames``, ``compile_recompiles``).
     A NaN or infinite mean epoch loss raises :class:`bench.errors.TrainingDiverged` (checked at the
     epoch's one host sync): a diverged model is a failed job, never a result.
     """
@@ -107,7 +188,15 @@ def fit(
         if cfg.get("schedule") == "cosine"
         else None
     )
-    step_model = torch.compile(model) if cfg.get("compile") else model
+    step_model: nn.Module = model
+    first_compile = False
+    frames_before = 0
+    if cfg.get("compile"):
+        backend = compile_backend or os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
+        tag = f"{cfg.get('precision', 'fp32')}|{'cl' if cfg.get('channels_last') else 'c'}|{device.type}"
+        fn, first_compile = compiled_forward(model, backend, tag)
+        step_model = CompiledStep(model, fn)
+        frames_before = _frames_compiled()
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         if cfg.get("precision") == "bf16"
@@ -130,8 +219,9 @@ def fit(
                 xb = augment_batch(x[idx], augment, generator)
                 if cfg.get("channels_last"):
                     xb = xb.contiguous(memory_format=torch.channels_last)
+                full = xb.shape[0] == cfg["batch_size"]
                 with autocast:
-                    loss = objective(step_model, xb, y[idx])
+                    loss = objective(step_model if full else model, xb, y[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -149,5 +239,8 @@ def fit(
         if cfg.get("channels_last"):
             model.to(memory_format=torch.contiguous_format)
     result.seconds = time.perf_counter() - start
+    if cfg.get("compile"):
+        result.compile_frames = _frames_compiled() - frames_before
+        result.compile_recompiles = max(0, result.compile_frames - (1 if first_compile else 0))
     result.images_per_second = epochs * len(x) / max(result.seconds, 1e-9)
     return result
