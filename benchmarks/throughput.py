@@ -1,8 +1,10 @@
 """Training throughput (images/s) of the paper-size and the small pMoE at batch 128 on this device,
-with the share of the device's measured dense matmul peak, and peak memory.
+with the share of the device's measured dense matmul peak *in the run's precision* (a bf16 matmul peak
+for bf16 runs, a TF32 peak when TF32 is on, else fp32; the label says which), and peak memory. Timings
+synchronise the device in use (``cuda:1`` is not the default device).
 
     python benchmarks/throughput.py [--device cpu] [--steps 20] [--precision fp32|bf16] [--channels-last] [--compile]
-        [--only paper|small] [--loop]
+        [--only paper|small] [--loop] [--tf32]
 """
 
 from __future__ import annotations
@@ -18,10 +20,21 @@ from bench.registry import REGISTRY
 from bench.train import resolve_device
 
 
-def matmul_peak_flops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    """Measured dense fp32 matmul rate (FLOP/s) of ``device``: the yardstick for 'share of peak'."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def peak_label(device: torch.device, precision: str) -> str:
+    """Which matmul the yardstick is: ``bf16``, ``tf32`` (fp32 tensors on CUDA with TF32 allowed) or ``fp32``."""
+    if precision == "bf16":
+        return "bf16"
+    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "fp32"
+
+
+def matmul_peak_flops(device: torch.device, precision: str = "fp32", n: int = 2048, repeats: int = 5) -> float:
+    """Measured dense matmul rate (FLOP/s) of ``device`` in ``precision`` (bf16 operands for bf16 runs; fp32
+    operands otherwise, which CUDA runs as TF32 when it is allowed): the yardstick for 'share of peak'."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(3):  # best of three: the yardstick should not carry one run's noise
@@ -35,8 +48,9 @@ def matmul_peak_flops(device: torch.device, n: int = 2048, repeats: int = 5) -> 
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for ``device`` itself (not the default CUDA device)."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def train_step_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
@@ -116,10 +130,16 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (the train setting)")
     parser.add_argument("--only", choices=["paper", "small"], help="measure one of the two models")
     parser.add_argument("--loop", action="store_true", help="also time the real training loop (bench.train.fit)")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls and convolutions (CUDA)")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    peak = matmul_peak_flops(device)
-    print(f"device {device}, threads {torch.get_num_threads()}, measured matmul peak {peak / 1e9:.1f} GFLOP/s")
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    label = peak_label(device, args.precision)
+    peak = matmul_peak_flops(device, args.precision)
+    print(f"device {device}, threads {torch.get_num_threads()}, measured {label} matmul peak "
+          f"{peak / 1e9:.1f} GFLOP/s")
     cases = [
         ("pmoe-paper", {}, (3, 32, 32)),
         ("pmoe (quickstart)", {"width": 1, "experts": 4, "topk": 4}, (1, 16, 16)),
@@ -130,13 +150,13 @@ def main() -> None:
         name = label.split()[0]
         r = measure(name, params, shape, device, args.steps, args.precision, args.channels_last, args.compile)
         print(f"{label:20s} batch 128 {shape}: {r['images_per_s']:8.1f} images/s, {r['step_ms']:7.1f} ms/step, "
-              f"{r['flops_per_s'] / peak:6.1%} of matmul peak")
+              f"{r['flops_per_s'] / peak:6.1%} of the {label} matmul peak")
     for label, params, shape in [c for c in cases if c[0] == "pmoe-paper"] if args.loop else []:
         r = loop_overhead(label.split()[0], params, shape, device, args.steps, "crop_flip")
         print(f"{label:20s} training loop: {r['loop_ms']:7.1f} ms/step vs {r['bare_ms']:7.1f} bare: "
               f"{r['overhead']:5.1%} of a step outside forward/backward/optimizer")
     if device.type == "cuda":
-        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
     print(f"peak host memory (max RSS) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
