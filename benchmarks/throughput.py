@@ -136,9 +136,9 @@ def main() -> None:
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    label = peak_label(device, args.precision)
+    peak_kind = peak_label(device, args.precision)
     peak = matmul_peak_flops(device, args.precision)
-    print(f"device {device}, threads {torch.get_num_threads()}, measured {label} matmul peak "
+    print(f"device {device}, threads {torch.get_num_threads()}, measured {peak_kind} matmul peak "
           f"{peak / 1e9:.1f} GFLOP/s")
     cases = [
         ("pmoe-paper", {}, (3, 32, 32)),
@@ -150,7 +150,7 @@ def main() -> None:
         name = label.split()[0]
         r = measure(name, params, shape, device, args.steps, args.precision, args.channels_last, args.compile)
         print(f"{label:20s} batch 128 {shape}: {r['images_per_s']:8.1f} images/s, {r['step_ms']:7.1f} ms/step, "
-              f"{r['flops_per_s'] / peak:6.1%} of the {label} matmul peak")
+              f"{r['flops_per_s'] / peak:6.1%} of the {peak_kind} matmul peak")
     for label, params, shape in [c for c in cases if c[0] == "pmoe-paper"] if args.loop else []:
         r = loop_overhead(label.split()[0], params, shape, device, args.steps, "crop_flip")
         print(f"{label:20s} training loop: {r['loop_ms']:7.1f} ms/step vs {r['bare_ms']:7.1f} bare: "
