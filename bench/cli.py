@@ -38,7 +38,7 @@ PluginsOpt = Annotated[
 ]
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Where result stores live (runs/<name>/).")]
 SmokeOpt = Annotated[bool, typer.Option("--smoke", help="Every kind of cell at toy scale, as its own study "
-                                        "<name>-smoke: first seed, highest rate, 1 epoch, 128/64 images.")]
+                                        "<name>-smoke: first seed, highest rate, 1 epoch, 64/32 images.")]
 DataRootOpt = Annotated[Path | None, typer.Option("--data-root", help="Every data set with a root reads from "
                                                   "this folder (overrides the scenario's root).")]
 
@@ -165,6 +165,14 @@ def run(
                                                "(diverged, out of memory) again.")] = False,
     smoke: SmokeOpt = False,
     data_root: DataRootOpt = None,
+    artifacts_dir: Annotated[Path | None, typer.Option("--artifacts-dir", help="Model files go to DIR/<name>/ "
+                                                       "(shared storage for a cluster); the results database "
+                                                       "stays in --runs-dir (keep it on a local disk).")] = None,
+    cpus_per_job: Annotated[float | None, typer.Option("--cpus-per-job", help="With --executor ray: CPUs per "
+                                                       "job worker (default 1).")] = None,
+    gpus_per_job: Annotated[float | None, typer.Option("--gpus-per-job", help="With --executor ray: GPUs per job "
+                                                       "worker, 0.25 = four on one GPU (default: 1 for CUDA, "
+                                                       "0 for CPU).")] = None,
 ) -> None:
     """Run a scenario: train, evaluate, write the report. Resumes whatever is already stored.
 
@@ -176,13 +184,19 @@ def run(
     try:
         with RichReporter(err) as reporter:
             outcome = runner.run(scenario, runs_dir, reports_dir, fresh, device, plugins, reporter, workers,
-                                 executor, address, retry_failed, smoke, data_root)
+                                 executor, address, retry_failed, smoke, data_root, artifacts_dir,
+                                 cpus_per_job, gpus_per_job)
     except BenchError as exc:
         raise _fail(exc) from None
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: finished jobs are stored; run the same command again to resume.")
         raise typer.Exit(130) from None
     s = outcome.summary
+    if outcome.regenerated:
+        err.print(f"[yellow]recomputed {len(outcome.regenerated)} stored job(s)[/] whose model file was missing "
+                  "or not whole", highlight=False)
+    if s.retried:
+        err.print(f"[yellow]{len(s.retried)} job(s) sent again[/] after their Ray worker died", highlight=False)
     err.print(
         f"ran {len(s.ran)} jobs in {s.seconds:.1f} s ({s.skipped} already done); "
         f"report: [bold]{outcome.report_path}[/]"

@@ -1,15 +1,21 @@
-"""The results store: ``runs/<name>/results.db`` (SQLite, WAL) plus ``runs/<name>/artifacts/``.
+"""The results store: ``runs/<name>/results.db`` (SQLite, WAL) plus the model files (``artifacts``).
 
 One row per finished job, written in one transaction after its artifact is in place, so a crash or
-Ctrl-C loses at most the job in flight and the next run resumes from the rows present. Artifacts are
-written to a temporary file and renamed (atomic on POSIX), and loaded with ``weights_only=True``.
-Each row carries the fully resolved spec, the metrics, timings, device, package version and git commit,
-so every number can be traced and reproduced.
+Ctrl-C loses at most the job in flight and the next run resumes from the rows present. Each row carries
+the fully resolved spec, the metrics, timings, device and its environment (:mod:`bench.provenance`),
+package version and git commit, so every number can be traced and reproduced.
+
+The database must sit on a local disk of the machine running ``bench run`` (SQLite's WAL needs shared
+memory and working file locks, which NFS and mounted buckets do not give). Artifacts live in
+``runs/<name>/artifacts/`` or, for a cluster, in a folder on shared storage (``--artifacts-dir``,
+remembered in the store's meta): see :class:`ArtifactFiles` for how they stay whole there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -18,7 +24,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +45,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     device      TEXT NOT NULL,
     version     TEXT NOT NULL,
     git_commit  TEXT NOT NULL,
-    finished_at REAL NOT NULL
+    finished_at REAL NOT NULL,
+    environment TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -63,6 +70,11 @@ class JobRecord:
     version: str
     git_commit: str
     finished_at: float
+    environment: dict[str, Any] = field(default_factory=dict)  # {} for rows stored before it existed
+
+
+#: The jobs table's columns in :class:`JobRecord` order (named: stores migrated by ALTER TABLE keep it).
+COLUMNS = "id, kind, spec, deps, metrics, artifact, seconds, device, version, git_commit, finished_at, environment"
 
 
 def git_commit() -> str:
@@ -88,23 +100,39 @@ STORE_FILES = ("results.db", "results.db-wal", "results.db-shm", "artifacts", "a
 
 
 class Store:
-    """A run directory. Safe for several writer processes (SQLite WAL, short transactions)."""
+    """A run directory. Safe for several writer processes on one machine (SQLite WAL, short transactions).
 
-    def __init__(self, root: str | Path) -> None:
+    ``artifacts_dir``: where the model files go (default ``<root>/artifacts``, or the folder an earlier run
+    of this store chose); it is remembered, so ``bench report`` and ``bench analyze`` find it again."""
+
+    def __init__(self, root: str | Path, artifacts_dir: str | Path | None = None) -> None:
         self.root = Path(root)
         self.db_path = self.root / "results.db"
-        self.artifacts = self.root / "artifacts"
         try:
-            self.artifacts.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(parents=True, exist_ok=True)
             with self._connect() as conn:
                 conn.executescript(SCHEMA)
-            marker = self.root / MARKER
-            if not marker.exists():
-                marker.write_text(json.dumps({"written_by": "pmoe-bench", "version": __version__}) + "\n",
-                                  encoding="utf-8")
+                _migrate(conn)
+            _write_marker(self.root)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"{self.db_path}: cannot open the results store: {exc}") from None
+        self.artifacts = self._artifacts_folder(artifacts_dir)
+        self.files = ArtifactFiles(self.artifacts)
         self._commit = git_commit()
+
+    def _artifacts_folder(self, chosen: str | Path | None) -> Path:
+        """``chosen`` (remembered in the meta table), else the remembered folder, else ``<root>/artifacts``."""
+        remembered = self.get_meta("artifacts_dir")
+        folder = Path(chosen).resolve() if chosen is not None else Path(remembered or self.root / "artifacts")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if folder != self.root / "artifacts":
+                _write_marker(folder)  # so that --fresh may delete it
+        except OSError as exc:
+            raise StoreError(f"{folder}: cannot create the artifacts folder: {exc}") from None
+        if chosen is not None and str(folder) != remembered:
+            self.set_meta("artifacts_dir", str(folder))
+        return folder
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -138,16 +166,18 @@ class Store:
         seconds: float,
         device: str,
         artifact: str | None = None,
+        environment: dict[str, Any] | None = None,
     ) -> None:
-        """Write one finished job in a single transaction (replacing an older row with the same id)."""
+        """Write one finished job in a single transaction (replacing an older row with the same id);
+        ``environment``: what it ran on (:func:`bench.provenance.environment`)."""
         row = (
             job_id, kind, json.dumps(spec, sort_keys=True), json.dumps(deps), json.dumps(metrics),
-            artifact, seconds, device, __version__, self._commit, time.time(),
+            artifact, seconds, device, __version__, self._commit, time.time(), json.dumps(environment or {}),
         )
         try:
             with self._connect() as conn:
                 conn.execute("BEGIN IMMEDIATE")
-                conn.execute("INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
+                conn.execute(f"INSERT OR REPLACE INTO jobs ({COLUMNS}) VALUES ({','.join('?' * len(row))})", row)
                 conn.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.db_path}: cannot write job {job_id}: {exc}") from None
@@ -165,19 +195,19 @@ class Store:
             raise StoreError(f"{self.db_path}: cannot delete rows: {exc}") from None
 
     def get(self, job_id: str) -> JobRecord | None:
-        rows = self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        rows = self._read(f"SELECT {COLUMNS} FROM jobs WHERE id = ?", (job_id,))
         return _to_record(rows[0]) if rows else None
 
     def records(self, ids: list[str] | None = None) -> dict[str, JobRecord]:
         """Finished jobs by id (all of them, or those in ``ids``)."""
         if ids is None:
-            rows = self._read("SELECT * FROM jobs")
+            rows = self._read(f"SELECT {COLUMNS} FROM jobs")
         else:
             rows = []
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                rows += self._read(f"SELECT * FROM jobs WHERE id IN ({marks})", tuple(chunk))
+                rows += self._read(f"SELECT {COLUMNS} FROM jobs WHERE id IN ({marks})", tuple(chunk))
         return {row[0]: _to_record(row) for row in rows}
 
     # -- meta ---------------------------------------------------------------------------------------
@@ -197,30 +227,157 @@ class Store:
         return self.artifacts / f"{job_id}{suffix}"
 
     def save_state(self, job_id: str, state: dict[str, torch.Tensor]) -> str:
-        """Save a state dict atomically; returns the artifact's file name (relative to the store)."""
-        path = self.artifact_path(job_id)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
-        os.replace(tmp, path)
-        return str(path.relative_to(self.root))
+        """Save a state dict whole (:meth:`ArtifactFiles.save`); returns the artifact's file name as the row
+        keeps it (relative to the store when inside it)."""
+        path = self.files.save(job_id, state)
+        return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
 
     def load_state(self, job_id: str, stage: str | None = None) -> dict[str, torch.Tensor]:
-        """Load a stored state dict safely (``weights_only=True``): a job's model, or one stage of a
-        defense job (``stage``)."""
+        """Load a stored state dict safely (``weights_only=True``, checked against its checksum): a job's
+        model, or one stage of a defense job (``stage``)."""
         record = self.get(job_id)
         if record is None or (stage is None and record.artifact is None):
             raise StoreError(f"{self.root}: job {job_id} has no stored artifact; rerun `bench run` to rebuild it")
-        path = self.artifact_path(f"{job_id}.{stage}") if stage is not None else self.root / str(record.artifact)
+        return self.files.load(job_id if stage is None else f"{job_id}.{stage}", job_id)
+
+    def check_input(self, job_id: str, stage: str | None = None) -> str | None:
+        """Why the stored artifact that a job reads from ``job_id`` (``stage``) is unusable, or None."""
+        record = self.get(job_id)
+        if record is None or "failed" in record.metrics or "not_applicable" in record.metrics:
+            return None  # nothing to read: the job inherits the outcome
+        if stage is None and record.artifact is None:
+            return None
+        return self.files.check(job_id if stage is None else f"{job_id}.{stage}")
+
+
+class ArtifactFiles:
+    """Model files in one folder, written so that no reader ever takes a partial file for a whole one.
+
+    ``save``: the file is written under a temporary name in the same folder, flushed to disk (fsync) and
+    renamed; then a sidecar ``<name>.pt.sha256`` (size and SHA-256, written the same way) vouches for it.
+    ``load`` reads the bytes once and checks them against the sidecar; on shared storage without atomic
+    rename (some buckets) a reader may see a file still being written, so a mismatch is retried a few times
+    before it is reported. Files without a sidecar (written before it existed) load unchecked."""
+
+    SUFFIX = ".pt"
+    SIDECAR = ".sha256"
+    #: Attempts at reading a file that does not match its sidecar, and the first wait between them (doubling).
+    LOAD_ATTEMPTS = 5
+    FIRST_WAIT_S = 0.2
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def path(self, name: str) -> Path:
+        return self.folder / f"{name}{self.SUFFIX}"
+
+    def save(self, name: str, state: dict[str, torch.Tensor]) -> Path:
+        """Write ``state`` (on the CPU) as ``<name>.pt`` and its sidecar; returns the file's path."""
+        buffer = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, buffer)
+        data = buffer.getvalue()
+        path = self.path(name)
+        _write_whole(path, data)
+        check = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        _write_whole(path.with_name(path.name + self.SIDECAR), (json.dumps(check) + "\n").encode())
+        return path
+
+    def _problem(self, path: Path, data: bytes | None) -> str | None:
+        """Why ``data`` (the bytes of ``path``; None: unreadable) is not the whole file, or None."""
+        if data is None:
+            return "missing or unreadable"
+        sidecar = path.with_name(path.name + self.SIDECAR)
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError) as exc:
+            check = json.loads(sidecar.read_text(encoding="utf-8"))
+            size, digest = int(check["size"]), str(check["sha256"])
+        except FileNotFoundError:
+            return None  # written before sidecars existed
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"its checksum file {sidecar.name} is unreadable"
+        if len(data) != size:
+            return f"{len(data)} bytes, its checksum file says {size}"
+        if hashlib.sha256(data).hexdigest() != digest:
+            return "its SHA-256 differs from its checksum file"
+        return None
+
+    def check(self, name: str) -> str | None:
+        """Why ``<name>.pt`` is not a whole artifact (missing, partial, corrupt), or None."""
+        path = self.path(name)
+        problem = self._problem(path, _read(path))
+        return None if problem is None else f"{path}: {problem}"
+
+    def load(self, name: str, job_id: str) -> dict[str, torch.Tensor]:
+        """The state dict in ``<name>.pt``, checked against its sidecar (retried while it does not match)."""
+        path = self.path(name)
+        wait = self.FIRST_WAIT_S
+        for attempt in range(self.LOAD_ATTEMPTS):
+            data = _read(path)
+            problem = self._problem(path, data)
+            if problem is None and data is not None:
+                break
+            if attempt + 1 < self.LOAD_ATTEMPTS:
+                time.sleep(wait)
+                wait *= 2
+        else:
+            raise StoreError(f"{path}: artifact of job {job_id} is not whole ({problem}); run `bench run` again: "
+                             "it recomputes the job that wrote it")
+        try:
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, ValueError) as exc:
             raise StoreError(f"{path}: cannot load artifact of job {job_id}: {exc}") from None
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync'd, then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable where the folder can be opened
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring an older store's tables up to :data:`SCHEMA` (adds ``jobs.environment``); old rows stay."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+    if "environment" not in columns:
+        try:
+            conn.execute("ALTER TABLE jobs ADD COLUMN environment TEXT NOT NULL DEFAULT '{}'")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):  # another process migrated it just now
+                raise
+
+
+def _write_marker(folder: Path) -> None:
+    marker = folder / MARKER
+    if not marker.exists():
+        marker.write_text(json.dumps({"written_by": "pmoe-bench", "version": __version__}) + "\n",
+                          encoding="utf-8")
 
 
 def _to_record(row: tuple[Any, ...]) -> JobRecord:
     return JobRecord(
         id=row[0], kind=row[1], spec=json.loads(row[2]), deps=json.loads(row[3]), metrics=json.loads(row[4]),
         artifact=row[5], seconds=row[6], device=row[7], version=row[8], git_commit=row[9], finished_at=row[10],
+        environment=json.loads(row[11] or "{}"),
     )
 
 
@@ -254,6 +411,7 @@ def remove_store(root: Path) -> None:
             "only stores pmoe-bench created, so nothing was deleted. Choose another scenario name or --runs-dir, "
             "or remove the folder yourself"
         )
+    elsewhere = _artifacts_elsewhere(root)
     for name in STORE_FILES:
         path = root / name
         if path.is_symlink() or path.is_file():
@@ -262,6 +420,33 @@ def remove_store(root: Path) -> None:
             shutil.rmtree(path)
     with contextlib.suppress(OSError):
         root.rmdir()  # only if empty: whatever else the user keeps there stays
+    if elsewhere is not None:
+        _remove_artifacts(elsewhere)
+
+
+def _artifacts_elsewhere(root: Path) -> Path | None:
+    """The artifacts folder a store chose outside itself (``--artifacts-dir``), if any."""
+    try:
+        conn = sqlite3.connect(f"file:{root / 'results.db'}?mode=ro", uri=True)
+        try:
+            rows = conn.execute("SELECT value FROM meta WHERE key = 'artifacts_dir'").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return None
+    return Path(json.loads(rows[0][0])) if rows else None
+
+
+def _remove_artifacts(folder: Path) -> None:
+    """Delete the model files, checksums and marker a store wrote into ``folder`` (only a marked folder)."""
+    if not (folder / MARKER).is_file() or folder.is_symlink():
+        return
+    for path in folder.iterdir():
+        if path.is_file() and (path.name.endswith((ArtifactFiles.SUFFIX, ArtifactFiles.SIDECAR)) or ".tmp" in path.name
+                               or path.name == MARKER):
+            path.unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def open_existing(root: str | Path) -> Store:

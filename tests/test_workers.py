@@ -125,3 +125,28 @@ def test_unknown_executor_and_stray_address_exit_2(write_scenario, tmp_path):
         result = CliRunner().invoke(app, ["run", str(path), "--runs-dir", str(tmp_path / "runs"), *extra])
         assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_out_of_memory_outside_a_job_is_one_line_naming_it():
+    from bench.execute.pool import out_of_memory_message
+
+    job = Job("tr-1", "train", {}, ())
+    exc = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+    message = out_of_memory_message(job, exc, "its worker")
+    assert message.startswith("job tr-1 (train): its worker ran out of memory outside the job itself "
+                              "(CUDA out of memory. Tried to allocate 2.00 GiB)")
+    assert "--workers" in message and "\n" not in message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_on_a_machine_without_it_is_a_clear_error(write_scenario, tmp_path):
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    path = write_scenario(_scenario("nocuda"))
+    for device in ("cuda", "cuda:1"):
+        result = CliRunner().invoke(app, ["run", str(path), "--runs-dir", str(tmp_path / "runs"), "--device", device,
+                                          "--workers", "2"])
+        assert result.exit_code == 2 and f"--device {device}: PyTorch sees no CUDA device" in result.output
+    assert not (tmp_path / "runs" / "nocuda").exists()

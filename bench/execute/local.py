@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from bench.jobs import JobContext, JobOutput, run_job
 from bench.plan import Job, Plan
+from bench.provenance import environment
 from bench.store import Store
 
 
@@ -42,6 +43,8 @@ class ExecutionSummary:
     ran: list[str] = field(default_factory=list)
     skipped: int = 0
     seconds: float = 0.0
+    retried: list[str] = field(default_factory=list)  # jobs sent again after their worker died (Ray)
+    workers: dict[str, dict[str, Any]] = field(default_factory=dict)  # job id -> the Ray worker that ran it
 
 
 def record_job(store: Store, job: Job, out: JobOutput, seconds: float, device: torch.device) -> None:
@@ -50,7 +53,8 @@ def record_job(store: Store, job: Job, out: JobOutput, seconds: float, device: t
     artifact = store.save_state(job.id, out.state) if out.state is not None else None
     for stage, state in out.stages.items():
         store.save_state(f"{job.id}.{stage}", state)
-    store.record(job.id, job.kind, job.spec, list(job.deps), out.metrics, seconds, str(device), artifact)
+    store.record(job.id, job.kind, job.spec, list(job.deps), out.metrics, seconds, str(device), artifact,
+                 environment(device))
 
 
 def execute(plan: Plan, store: Store, device: torch.device, reporter: Reporter | None = None,

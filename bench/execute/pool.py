@@ -4,7 +4,10 @@ Each worker is a separate process (spawned, so CUDA works in it) with its own da
 connection to the store; a job starts once every job it depends on is recorded, and a worker records its
 job's row and artifacts itself the moment it finishes (the store is safe for several writers). The main
 process only schedules and shows progress. On a machine with several GPUs and ``device: cuda`` each worker
-gets its own GPU (worker i -> ``cuda:i mod n``); on a CPU the cores are split between the workers.
+gets its own GPU (worker i -> ``cuda:i mod n``) and makes it its current device; on a CPU the cores are split
+between the workers. More workers than GPUs share them: each worker holds its own copy of the data sets
+and its own CUDA context on its GPU, so count their memory when choosing ``--workers``. The main process
+loads data (for its checks) on the CPU only, so it holds no CUDA context.
 
 Interrupting loses at most the jobs in flight (one per worker); the next ``bench run`` resumes.
 """
@@ -49,6 +52,8 @@ def _start_worker(root: str, devices: Any, threads: int, plugin_files: list[str]
     for path in plugin_files:
         load_plugin_file(Path(path))
     device = torch.device(devices.get())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # libraries that allocate on "the current device" use this GPU too
     store = Store(root)
     _WORKER.update(store=store, device=device, ctx=JobContext(store, device))
 
@@ -62,6 +67,15 @@ def _run_in_worker(job: Job) -> float:
     seconds = time.perf_counter() - t0
     record_job(_WORKER["store"], job, out, seconds, _WORKER["device"])
     return seconds
+
+
+def out_of_memory_message(job: Job, exc: BaseException, where: str) -> str:
+    """One line for an out-of-memory error raised around a job (starting a worker, loading data, saving
+    the model) rather than inside it: what ran out and what to change."""
+    first = next(iter(str(exc).strip().splitlines()), "") or "out of memory"
+    return (f"job {job.id} ({job.kind}): {where} ran out of memory outside the job itself ({first}); run fewer "
+            "jobs per GPU (--workers, --gpus-per-job) or smaller batches; finished jobs are stored, `bench run` "
+            "resumes")
 
 
 def execute_parallel(plan: Plan, store: Store, device: torch.device, workers: int,
@@ -102,6 +116,8 @@ def execute_parallel(plan: Plan, store: Store, device: torch.device, workers: in
                             f"job {job.id} ({job.kind}): its worker process died (out of memory, killed, or "
                             "failed to start); finished jobs are stored, `bench run` resumes"
                         ) from None
+                    except torch.OutOfMemoryError as exc:  # outside the job (run_job records its own OOM)
+                        raise BenchError(out_of_memory_message(job, exc, "its worker")) from None
                     summary.ran.append(job.id)
                     reporter.job_finished(job, seconds)
                     ready.extend(tracker.finished(job.id))

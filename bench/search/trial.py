@@ -100,7 +100,9 @@ class TrialRunner:
     # -- intermediate values ------------------------------------------------------------------------
     def _replay_pruned(self, trial: optuna.Trial) -> set[int]:
         """Report the intermediate values of an earlier pruned trial with the same parameters (training is
-        deterministic, so they would be the same) and prune without training if the pruner agrees again.
+        deterministic, so they would be the same; on a GPU, cuDNN's nondeterministic kernels can make a rerun
+        differ slightly, so a replay stands in for a rerun rather than repeating it bit for bit) and prune
+        without training if the pruner agrees again.
         Returns the epochs reported."""
         for past in trial.study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
             if past.params != trial.params or not past.intermediate_values:
