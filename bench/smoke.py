@@ -28,8 +28,8 @@ from bench.registry import REGISTRY
 from bench.scenario import GRID_KEY
 
 #: Training / test images per data set in a smoke run (data sets with ``train_limit`` / ``test_limit``).
-TRAIN_IMAGES = 128
-TEST_IMAGES = 64
+TRAIN_IMAGES = 64
+TEST_IMAGES = 32
 SUFFIX = "-smoke"
 
 

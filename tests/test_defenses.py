@@ -324,11 +324,27 @@ def test_expert_pruning_drop_changes_exactly_the_declared_expert(digits8, backdo
     with torch.no_grad():
         for conv in _expert_convs(model):
             conv.bias.fill_(0.1)  # fresh biases are zero; make dropping visible on them too
+        model.prunable_layers()[1].norm.bias.fill_(0.1)  # a trained head BatchNorm shifts channels
     start = copy.deepcopy(model.state_dict())
     ctx = make_ctx(digits8, small_cfg(), n_clean=32)
+    layer = model.prunable_layers()[1]
+    norm_name = next(n for n, m in model.named_modules() if m is layer.norm)
     pruned, finetuned = ExpertPruning(expert=1, action="drop", epochs=0).run(model, ctx)
-    assert _differing(start, pruned.state) == {"moe.experts.1.conv.weight", "moe.experts.1.conv.bias"}
+    # the expert's conv and its channels of the head BatchNorm: dropped means silent, not a BN-bias constant
+    assert _differing(start, pruned.state) == {"moe.experts.1.conv.weight", "moe.experts.1.conv.bias",
+                                               f"{norm_name}.weight", f"{norm_name}.bias"}
     assert pruned.state["moe.experts.1.conv.weight"].abs().sum() == 0
+    own = slice(layer.start, layer.start + layer.conv.out_channels)
+    assert pruned.state[f"{norm_name}.bias"][own].abs().sum() == 0
+    assert pruned.state[f"{norm_name}.bias"][: layer.start].equal(start[f"{norm_name}.bias"][: layer.start])
+    seen: list[torch.Tensor] = []
+    hook = (layer.act or layer.conv).register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    model.load_state_dict(pruned.state)
+    model.eval()
+    with torch.no_grad():
+        model(digits8.test_x[:64])
+    hook.remove()
+    assert seen[0][:, own].abs().sum() == 0 and seen[0].abs().sum() > 0
     assert pruned.metrics["expert"] == 1 and pruned.metrics["source"] == "declared"
     assert _differing(pruned.state, finetuned.state) == set()
     trained = copy.deepcopy(backdoored.model)  # a trained model: its dropped expert would get gradients

@@ -25,7 +25,7 @@ convolution of expert ``e``, and its parent module is the expert.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -42,7 +42,7 @@ from bench.defenses.base import (
 )
 from bench.defenses.finetune import DEFAULT_EPOCHS, finetune_stage
 from bench.defenses.neural_cleanse import ReverseSpec, check_reverse, detect, detection_metrics
-from bench.defenses.pruning import ChannelMask
+from bench.defenses.pruning import ChannelMask, layer_mask
 from bench.errors import ComponentParamsError
 from bench.models.base import BenchModel
 from bench.models.wrn import init_glorot
@@ -125,8 +125,10 @@ class ExpertPruning(Defense):
     """
 
     stages = ("pruned", "finetuned")
-    needs_routing = True
+    requires = frozenset({"routing", "experts"})
     name = "expert-pruning"
+    #: toy-scale parameters for `bench run --smoke`
+    smoke: ClassVar[dict[str, Any]] = {"nc_steps": 2}
 
     def __init__(
         self,
@@ -171,7 +173,10 @@ class ExpertPruning(Defense):
         if chosen is not None:
             name, conv, module = experts[chosen]
             if self.action == "drop":
-                hold = [ChannelMask(name, conv, torch.arange(conv.out_channels))]
+                # silence the whole expert where the classifier reads it (conv and the head BatchNorm's
+                # channels), so "dropped" means no output, not a constant from the BatchNorm's bias
+                layer = model.prunable_layers()[chosen]
+                hold = [layer_mask(layer, torch.arange(layer.conv.out_channels))]
                 hold[0].apply()
             else:
                 reset_expert(module, ctx.seed * 31 + chosen)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -420,6 +421,8 @@ class NeuralCleanse(Defense):
 
     stages = ("unlearned",)
     name = "neural-cleanse"
+    #: toy-scale parameters for `bench run --smoke` (every code path, a few optimisation steps per class)
+    smoke: ClassVar[dict[str, Any]] = {"steps": 2, "batch_size": 8}
 
     def __init__(
         self,

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -192,6 +192,8 @@ class Strip(Defense):
 
     stages = ()
     name = "strip"
+    #: toy-scale parameters for `bench run --smoke`
+    smoke: ClassVar[dict[str, Any]] = {"n": 4, "test_limit": 16}
 
     def __init__(
         self,
