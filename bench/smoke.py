@@ -126,7 +126,7 @@ def _smoke_component(kind: str, entry: Any) -> Any:
 def _smoke_attack(entry: Any) -> Any:
     if not isinstance(entry, dict):
         return entry
-    out = _collapse(entry)
+    out = _smoke_component("trigger", entry)
     objective = out.get("objective")
     if isinstance(objective, dict):
         objective = _collapse(objective)
