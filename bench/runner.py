@@ -23,6 +23,7 @@ from bench.execute.local import ExecutionSummary, Reporter, execute
 from bench.execute.pool import execute_parallel
 from bench.execute.ray_cluster import RayCluster, check_shares, execute_ray
 from bench.jobs import DatasetCache, JobContext
+from bench.provenance import mixed_hardware_warning
 from bench.store import JobRecord, Store, git_commit, open_existing, remove_store
 from bench.train import resolve_device
 
@@ -310,7 +311,9 @@ def report_rows(store: Store) -> tuple[list[reporting.Row], dict[str, Any]]:
     }
     meta["min_seeds"] = reporting.required_seeds(scenario, cells)
     meta["detections"] = reporting.detections(defenses, records)
-    meta["provenance"] = reporting.provenance(_with_inputs(store, records))
+    behind = _with_inputs(store, records)
+    meta["provenance"] = reporting.provenance(behind)
+    meta["hardware_warning"] = mixed_hardware_warning(behind.values())  # CPU and GPU rows mixed: say so
     return reporting.aggregate(cells, records), meta
 
 

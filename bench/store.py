@@ -123,13 +123,15 @@ class Store:
     def _artifacts_folder(self, chosen: str | Path | None) -> Path:
         """``chosen`` (remembered in the meta table), else the remembered folder, else ``<root>/artifacts``."""
         remembered = self.get_meta("artifacts_dir")
-        folder = Path(chosen).resolve() if chosen is not None else Path(remembered or self.root / "artifacts")
+        if chosen is None and remembered is not None:
+            return Path(remembered)  # not created here: `bench report` on a machine without the mount works
+        folder = Path(chosen).resolve() if chosen is not None else self.root / "artifacts"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            if folder != self.root / "artifacts":
+            if chosen is not None:
                 _write_marker(folder)  # so that --fresh may delete it
         except OSError as exc:
-            raise StoreError(f"{folder}: cannot create the artifacts folder: {exc}") from None
+            raise StoreError(f"{folder}: cannot create the artifacts folder (--artifacts-dir): {exc}") from None
         if chosen is not None and str(folder) != remembered:
             self.set_meta("artifacts_dir", str(folder))
         return folder

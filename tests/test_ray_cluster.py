@@ -172,3 +172,39 @@ def test_auto_on_a_cluster_with_gpus_means_cuda_jobs(cluster, write_scenario, tm
         runner.run(write_scenario(_clean_only("auto", device="auto"), "auto.yaml"), tmp_path / "runs",
                    tmp_path / "reports", executor="ray", cpus_per_job=2.0)
     assert Store(tmp_path / "runs" / "auto").get_meta("device") == "cuda"
+
+
+CRASHING_MODEL = '''
+import torch
+from torch import nn
+
+from bench.models.base import BenchModel
+from bench.registry import register_model
+
+
+class Crashing(BenchModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Linear(1, 1)
+
+    def forward_routing(self, x):
+        raise ValueError("a bug in this model")
+
+
+@register_model("crashing")
+def crashing(*, input_shape, num_classes, mean, std) -> Crashing:
+    """A model whose forward pass raises."""
+    return Crashing()
+'''
+
+
+def test_a_job_that_raises_stops_the_run_naming_it_and_is_not_retried(cluster, write_scenario, tmp_path):
+    plugin = tmp_path / "crashing.py"
+    plugin.write_text(CRASHING_MODEL)
+    scenario = _clean_only("crash", plugins=[str(plugin)], models=[{"name": "crashing"}])
+    path = write_scenario(scenario, "crash.yaml")
+    train = next(job for job in runner.prepare(path).plan.jobs if job.kind == "train")
+    with pytest.raises(BenchError, match=rf"job {train.id} \(train\) failed on the cluster: "
+                                         r"ValueError\('a bug in this model'\)"):
+        runner.run(path, tmp_path / "runs", tmp_path / "reports", executor="ray", cpus_per_job=2.0)
+    assert Store(tmp_path / "runs" / "crash").done_ids() == set()

@@ -92,11 +92,11 @@ def test_a_local_ray_cluster_runs_and_resumes_the_plan(write_scenario, tmp_path,
     ray = pytest.importorskip("ray")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")  # no network calls from the test cluster
     one = runner.run(write_scenario(_scenario("one"), "one.yaml"), tmp_path / "runs", tmp_path / "reports")
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)  # a real local cluster, one slot
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # a real local cluster
     in_flight = InFlight()
-    try:
+    try:  # one slot of 2 CPUs: the worker computes with as many threads as the one-process run
         on_ray = runner.run(write_scenario(_scenario("ray"), "ray.yaml"), tmp_path / "runs",
-                            tmp_path / "reports", executor="ray", reporter=in_flight)
+                            tmp_path / "reports", executor="ray", reporter=in_flight, cpus_per_job=2.0)
         assert sorted(on_ray.summary.ran) == sorted(one.summary.ran)
         assert in_flight.most == 2  # twice the cluster's one slot, never every ready job at once
         records = Store(tmp_path / "runs" / "ray").records()

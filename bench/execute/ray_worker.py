@@ -138,5 +138,5 @@ class JobWorker:
             self.ctx.store.save_state(f"{job.id}.{stage}", state)
         self.jobs += 1
         return {"metrics": out.metrics, "artifact": artifact, "seconds": time.perf_counter() - t0,
-                "device": str(self.device), "environment": environment(self.device),
+                "device": self.device.type, "environment": environment(self.device),
                 "worker": {"pid": os.getpid(), "jobs": self.jobs, "data_loads": self.ctx.loads}}
