@@ -190,6 +190,8 @@ def run(
     cluster = RayCluster(address) if executor == "ray" else None
     try:
         dev = cluster.device(requested) if cluster is not None else local_device(requested)
+        if cluster is not None:
+            check_shares(cpus_per_job or 1.0, gpus_per_job, dev)
         name = prepared.resolved.name
         root = store_dir(runs_dir, name)
         if fresh:

@@ -49,6 +49,9 @@ def test_shares_and_worker_count():
         check_shares(1.0, 1.5)
     with pytest.raises(BenchError, match="--cpus-per-job: must be more than 0"):
         check_shares(0.0, None)
+    with pytest.raises(BenchError, match="--gpus-per-job: CUDA jobs need a share of a GPU, got 0"):
+        check_shares(1.0, 0.0, torch.device("cuda"))
+    check_shares(1.0, 0.5, torch.device("cpu"))  # reserving GPU shares for CPU jobs limits how many run
 
 
 def test_a_relative_data_root_is_the_drivers_and_never_downloads_on_a_worker():

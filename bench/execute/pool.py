@@ -36,8 +36,9 @@ _WORKER: dict[str, Any] = {}
 
 
 def worker_devices(device: torch.device, workers: int) -> list[str]:
-    """The device of each worker: every CUDA device in turn for ``cuda`` without an index, else ``device``."""
-    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+    """The device of each worker: every CUDA device in turn for ``cuda`` without an index (always with its
+    index, so that the worker can make it its current device), else ``device``."""
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 0:
         count = torch.cuda.device_count()
         return [f"cuda:{i % count}" for i in range(workers)]
     return [str(device)] * workers
@@ -52,7 +53,7 @@ def _start_worker(root: str, devices: Any, threads: int, plugin_files: list[str]
     for path in plugin_files:
         load_plugin_file(Path(path))
     device = torch.device(devices.get())
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # libraries that allocate on "the current device" use this GPU too
     store = Store(root)
     _WORKER.update(store=store, device=device, ctx=JobContext(store, device))

@@ -110,8 +110,12 @@ def cluster_device(requested: str, resources: dict[str, float]) -> torch.device:
     raise BenchError(f"--device {requested}: with --executor ray the device must be auto, cpu or cuda")
 
 
-def check_shares(cpus_per_job: float, gpus_per_job: float | None) -> None:
-    """A job's share of a node, as Ray accepts it: CPUs > 0; GPUs >= 0, whole when above 1."""
+def check_shares(cpus_per_job: float, gpus_per_job: float | None, device: torch.device | None = None) -> None:
+    """A job's share of a node, as Ray accepts it: CPUs > 0; GPUs >= 0, whole when above 1, not 0 for CUDA
+    jobs. (CPU jobs may reserve GPU shares: that only limits how many run at once.)"""
+    if device is not None and device.type == "cuda" and gpus_per_job == 0:
+        raise BenchError("--gpus-per-job: CUDA jobs need a share of a GPU, got 0; give one (e.g. 0.25) or use "
+                         "--device cpu")
     if not cpus_per_job > 0:
         raise BenchError(f"--cpus-per-job: must be more than 0, got {cpus_per_job:g}")
     if gpus_per_job is not None and (gpus_per_job < 0 or (gpus_per_job > 1 and gpus_per_job != int(gpus_per_job))):
@@ -151,7 +155,7 @@ def execute_ray(plan: Plan, store: Store, device: torch.device, reporter: Report
     ``device``: ``cpu`` or ``cuda`` as resolved for the cluster (:func:`cluster_device`); ``gpus_per_job``:
     default 1 for CUDA, 0 for CPU; ``data_base``: the folder relative data roots are read from (default:
     this process's working folder)."""
-    check_shares(cpus_per_job, gpus_per_job)
+    check_shares(cpus_per_job, gpus_per_job, device)
     reporter = reporter or SilentReporter()
     pending = plan.pending(store.done_ids())
     summary = ExecutionSummary(skipped=len(plan.jobs) - len(pending))
