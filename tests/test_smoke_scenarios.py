@@ -3,7 +3,6 @@ MNIST, Fashion-MNIST, CIFAR-10 and GTSRB read from small files in their real on-
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import ondisk
