@@ -11,10 +11,11 @@ two steps:
    collapse to the first; categories such as ``apply`` or a defense's criterion keep every value), each
    component's declared ``smoke`` parameters (e.g. Neural Cleanse's optimisation steps), and every
    ``epochs`` parameter at 1.
-2. :func:`smoke_plan` keeps a covering subset of the planned cells: every training (data set x model x
-   train setting x attack) evaluated at fp32; each quantization config once per model, and per qcb
-   objective; each defense once per model, and each of its stages at fp32 and at one quantization config;
-   every not-applicable cell (they cost nothing).
+2. :func:`smoke_plan` keeps a covering subset of the planned cells: every model x train setting x attack
+   (trigger, apply, objective) trained and evaluated at fp32 once, every data set x model at least once
+   (its clean model comes along for CAD); each quantization config once per model; each defense once per
+   model, and each of its stages at fp32 and at one quantization config; every not-applicable cell (they
+   cost nothing).
 """
 
 from __future__ import annotations
@@ -153,14 +154,14 @@ def smoke_plan(plan: Plan) -> Plan:
     kept: list[Cell] = []
     seen: set[tuple[Any, ...]] = set()
     for cell in plan.cells:
-        key = _cover_key(cell)
-        if key is None or key not in seen:
+        keys = _cover_keys(cell)
+        if keys is None or not keys <= seen:
             kept.append(cell)
-            if key is not None:
-                seen.add(key)
+            seen |= keys or set()
     jobs = plan.by_id()
     needed: set[str] = set()
-    stack = [jid for c in kept for jid in (c.eval_job, c.clean_eval_job, c.base_eval_job) if jid]
+    stack = [jid for c in kept if not c.not_applicable  # an n/a cell needs no job (its others are elsewhere)
+             for jid in (c.eval_job, c.clean_eval_job, c.base_eval_job) if jid]
     detections: set[str] = set()  # detection-only defenses (no stage to evaluate): one run per model too
     for entry in plan.defenses:
         key = json.dumps([entry["model"], entry["defense"]], sort_keys=True)
@@ -178,15 +179,18 @@ def smoke_plan(plan: Plan) -> Plan:
     return out
 
 
-def _cover_key(cell: Cell) -> tuple[Any, ...] | None:
-    """None for cells every smoke run keeps; else the kind of cell one representative stands for."""
-    if cell.not_applicable or (_quant_label(cell) == "fp32" and cell.defense is None):
+def _cover_keys(cell: Cell) -> set[tuple[Any, ...]] | None:
+    """None for cells every smoke run keeps (n/a ones); else the kinds of cell it stands for: a cell is kept
+    when one of them is not covered yet."""
+    if cell.not_applicable:
         return None
     model = json.dumps(cell.model, sort_keys=True)
     if cell.defense is not None:
-        return ("defense", model, json.dumps(cell.defense, sort_keys=True), _quant_label(cell) != "fp32")
-    objective = json.dumps((cell.attack or {}).get("objective"), sort_keys=True)
-    return ("quant", model, _quant_label(cell), objective, cell.attack is None)
+        return {("defense", model, json.dumps(cell.defense, sort_keys=True), _quant_label(cell) != "fp32")}
+    if _quant_label(cell) != "fp32":
+        return {("quant", model, _quant_label(cell))}
+    attack = json.dumps([cell.attack, cell.train], sort_keys=True, default=str)
+    return {("train", model, attack), ("dataset", json.dumps(cell.dataset, sort_keys=True), model)}
 
 
 def _quant_label(cell: Cell) -> str:

@@ -29,14 +29,15 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _kinds(cells: list[dict]) -> dict[str, set[tuple]]:
     """The kinds of cell a plan holds, by component name (a smoke run collapses grids of numbers)."""
-    out: dict[str, set[tuple]] = {"training": set(), "quant": set(), "defense": set()}
+    out: dict[str, set[tuple]] = {"training": set(), "dataset": set(), "quant": set(), "defense": set()}
     for cell in cells:
         if cell.get("not_applicable"):
             continue
         attack, model = cell["attack"], cell["model"]["name"]
         what = ("clean",) if attack is None else (
             attack["name"], attack["apply"], (attack.get("objective") or {}).get("name"), "trigger_grid" in attack)
-        out["training"].add((cell["dataset"]["name"], model, *what))
+        out["training"].add((model, *what))
+        out["dataset"].add((cell["dataset"]["name"], model))
         out["quant"].add((model, (cell.get("quant") or {}).get("label", "fp32")))
         if cell.get("defense"):
             out["defense"].add((model, cell["defense"]["name"], cell["defense"]["stage"]))
@@ -51,8 +52,8 @@ def test_smoke_plan_covers_every_kind_of_cell(scenario: Path, data_root: Path) -
     assert len(smoke.resolved.scenario.seeds) == 1 and smoke.resolved.train[0]["epochs"] <= 3
     want = _kinds([c.to_dict() for c in full.plan.cells])
     got = _kinds([c.to_dict() for c in smoke.plan.cells])
-    # every data set x model x trigger x apply x objective, model x quantization config and model x defense
-    # stage of the full scenario is in the smoke plan
+    # every model x trigger x apply x objective, data set x model, model x quantization config and model x
+    # defense stage of the full scenario is in the smoke plan
     for kind in want:
         assert want[kind] == got[kind], kind
     assert len(smoke.plan.jobs) <= len(full.plan.jobs)
