@@ -74,7 +74,7 @@ def test_not_applicable_cells_are_planned_without_jobs_and_counted(write_scenari
     assert all(c.model["name"] == "dense" for c in na) and len(na) == expected
     assert any("badpatches" in r and "'dense' has none" in r for r in reasons)
     assert any("quantization scope 'gate'" in r for r in reasons)
-    assert any("defense 'expert-pruning' needs a model with routing" in r for r in reasons)
+    assert any("defense 'expert-pruning' needs a model with experts" in r for r in reasons)
     assert all(c.eval_job == "" for c in na)
     specs = [j.spec for j in plan.jobs]
     assert not any(s["model"]["name"] == "dense" and (s.get("attack") or {}).get("apply") == "badpatches"
@@ -96,7 +96,7 @@ def test_declared_requirements_decide_applicability() -> None:
     assert quant_not_applicable({"label": "int4/gate", "scope": "gate"}, moe, "pmoe") is None
     assert quant_not_applicable({"label": "int4/whole", "scope": "whole"}, dense, "dense") is None
     assert defense_not_applicable({"name": "fine-tuning"}, dense, "dense") is None
-    assert "routing" in str(defense_not_applicable({"name": "expert-pruning"}, dense, "dense"))
+    assert "needs a model with experts" in str(defense_not_applicable({"name": "expert-pruning"}, dense, "dense"))
 
 
 # -- divergence ---------------------------------------------------------------------------------------
