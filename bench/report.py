@@ -712,6 +712,8 @@ def to_markdown(rows: list[Row], meta: dict[str, Any], pictures: list[str] | Non
     origin = provenance_line(meta.get("provenance") or [])
     if origin:
         lines += [origin, ""]
+    if meta.get("hardware_warning"):
+        lines += [f"**{meta['hardware_warning']}**", ""]
     groups: dict[tuple[str, ...], list[Row]] = defaultdict(list)
     for row in rows:
         if row.quant == "fp32" and row.defense == "-":  # quantized and defended results: own tables below

@@ -202,3 +202,20 @@ def test_a_store_from_before_the_marker_is_still_recognised(tmp_path: Path) -> N
     (plain / "results.db").write_bytes(b"not a database at all, just bytes" * 10)
     with pytest.raises(StoreError, match="not a pmoe-bench results store"):
         remove_store(plain)
+
+
+def test_the_report_says_when_cpu_and_gpu_rows_mix(tmp_path: Path) -> None:
+    from bench.provenance import mixed_hardware_warning
+    from bench.report import to_markdown
+    from bench.store import JobRecord
+
+    def row(job: str, environment: dict) -> JobRecord:
+        return JobRecord(job, "evaluate", {}, [], {"ba": 0.9}, None, 1.0, environment.get("device", "cpu"),
+                         "0.1.0", "abc", 0.0, environment)
+
+    cpu = {"device": "cpu", "cpu": "AMD EPYC"}
+    gpu = {"device": "cuda:0", "gpu": "NVIDIA H200"}
+    assert mixed_hardware_warning([row("a", cpu), row("b", cpu)]) is None
+    warning = mixed_hardware_warning([row("a", cpu), row("b", gpu)])
+    assert warning is not None and "CPUs and GPUs" in warning
+    assert warning in to_markdown([], {"scenario": "x", "hardware_warning": warning})
