@@ -150,18 +150,19 @@ def run_evaluate(spec: dict[str, Any], deps: tuple[str, ...], ctx: JobContext) -
     target = attack["target"] if attack is not None else None
     quant = spec.get("quant")
     batch = spec["eval_batch_size"]
+    classes = {"num_classes": int(data.num_classes)}  # the report's chance-level check reads it
     if quant is None:
         metrics = evaluate(model, data, trigger, target, batch, "fp32")
         if spec.get("precision") == "bf16":
             low = evaluate(model, data, trigger, target, batch, "bf16", routing=False)
             metrics.update({f"{k}_bf16": low[k] for k in ("ba", "asr", "ra") if k in low})
-        return JobOutput(metrics)
+        return JobOutput({**metrics, **classes})
     config = QuantConfig.from_dict({k: v for k, v in quant.items() if k != "label"})
     if config.scope != "whole" and not any(model.parameter_groups().values()):
         return JobOutput({"not_applicable": f"scope '{config.scope}' needs a model with routing"})
     with quantized(model, config):
         metrics = evaluate(model, data, trigger, target, batch, "fp32")
-    return JobOutput(metrics)
+    return JobOutput({**metrics, **classes})
 
 
 def run_defend(spec: dict[str, Any], deps: tuple[str, ...], ctx: JobContext) -> JobOutput:

@@ -125,7 +125,8 @@ def trigger_pictures(prepared: Prepared, dataset_of: DatasetOf, out_dir: Path) -
             model = build_model(model_spec, data)
             triggers = {}
             for attack in prepared.resolved.attacks:
-                label = f"{attack['name']} ({attack['apply']})"
+                grid = attack.get("trigger_grid")
+                label = f"{attack['name']} ({attack['apply']}{f' {grid[0]}x{grid[1]}' if grid else ''})"
                 if label in triggers:
                     label = f"{label} #{len(triggers) + 1}"
                 try:

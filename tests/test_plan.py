@@ -52,8 +52,7 @@ def test_ids_are_stable_and_changes_touch_only_their_jobs():
     old, new = {j.id for j in base.jobs}, {j.id for j in changed.jobs}
     assert len(new - old) == 2  # one train + one evaluate for the new rate
     # An evaluation-only setting retrains nothing.
-    evalonly = _plan(tiny_scenario(poison_rates=[0.05, 0.1], train={"epochs": 1, "batch_size": 128, "lr": 0.05,
-                                                                     "eval_batch_size": 7}))
+    evalonly = _plan(tiny_scenario(poison_rates=[0.05, 0.1], train={**tiny_scenario()["train"], "eval_batch_size": 7}))
     assert {j.id for j in evalonly.jobs if j.kind == "train"} == {j.id for j in base.jobs if j.kind == "train"}
 
 
