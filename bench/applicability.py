@@ -94,7 +94,16 @@ def check_target(attack: dict[str, Any], geo: Geometry, dataset_name: str, where
                             f"(valid: 0..{classes - 1})")
 
 
-def attack_not_applicable(attack: dict[str, Any], geo: Geometry, model_name: str, where: str) -> str | None:
+def train_not_applicable(train: dict[str, Any], capabilities: frozenset[str] | None, model_name: str) -> str | None:
+    """Why a train setting cannot apply to this model (QAT of a scope the model does not have)."""
+    scope = train.get("qat_scope", "whole")
+    if capabilities is None or not train.get("qat_bits") or scope == "whole" or scope in capabilities:
+        return None
+    return f"train.qat_scope '{scope}' needs a model with {scope} parameters ('{model_name}' has none)"
+
+
+def attack_not_applicable(attack: dict[str, Any], geo: Geometry, model_name: str, where: str,
+                          on: str = "") -> str | None:
     """Why ``attack`` cannot apply to this model (an n/a cell), None when it can; a degenerate or oversized
     trigger is a mistake (:class:`ScenarioError`)."""
     if attack["apply"] == "badpatches" and attack.get("trigger_grid") is None and geo.patch_grid is None:
@@ -109,7 +118,7 @@ def attack_not_applicable(attack: dict[str, Any], geo: Geometry, model_name: str
             return f"trigger '{attack['name']}' needs a model with {need} ('{model_name}' has none)"
     problem = _trigger_problem(attack, geo)
     if problem is not None:
-        raise ScenarioError(f"{where}: {problem}")
+        raise ScenarioError(f"{where}: {problem}{on}")
     return None
 
 

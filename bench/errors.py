@@ -52,7 +52,7 @@ class JobFailed(Exception):
 class TrainingDiverged(JobFailed):
     """A training (or fine-tuning) whose loss became NaN or infinite: its model is not a result."""
 
-    def __init__(self, epoch: int, loss: float) -> None:
-        super().__init__(f"training diverged: mean loss {loss} in epoch {epoch}", failed_epoch=epoch)
+    def __init__(self, epoch: int, loss: float, what: str | None = None) -> None:
+        super().__init__(f"training diverged: {what or f'mean loss {loss}'} in epoch {epoch}", failed_epoch=epoch)
         self.epoch = epoch
         self.loss = loss

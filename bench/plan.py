@@ -143,6 +143,8 @@ class Plan:
             k["done"] += job.id in done
         pending_images = sum(train_images(job.spec) for job in self.jobs if job.kind == "train" and job.id not in done)
         reasons = Counter(c.not_applicable for c in self.cells if c.not_applicable)
+        reasons.update(d["not_applicable"] for d in self.defenses if d.get("not_applicable")
+                       and not defense_stages(d["defense"]["name"]))  # detection-only: no cell shows it
         return {
             "scenario": self.name,
             "cells": len(self.cells),
@@ -189,6 +191,7 @@ class _PairChecks:
     attacks: list[str | None]
     quant: list[str | None]
     defenses: list[str | None]
+    capabilities: frozenset[str] | None = None  # None: the data set declares no shape (checked at run time)
 
 
 def _geometries(resolved: ResolvedScenario) -> dict[tuple[int, int], _PairChecks]:
@@ -197,24 +200,27 @@ def _geometries(resolved: ResolvedScenario) -> dict[tuple[int, int], _PairChecks
     out: dict[tuple[int, int], _PairChecks] = {}
     for di, dataset in enumerate(resolved.datasets):
         for mi, model in enumerate(resolved.models):
-            where = f"models[{_origin(origins, 'models', mi)}]"
+            where = f"models[{origin_of(origins, 'models', mi)}]"
             geo = applicability.geometry(dataset, model, where)
             if geo is None:  # a data set that declares no shape: checked when it is loaded
                 out[(di, mi)] = _PairChecks([None] * len(resolved.attacks), [None] * len(resolved.quant),
                                             [None] * len(resolved.defenses))
                 continue
             attacks = []
+            d_where = f"datasets[{origin_of(origins, 'datasets', di)}]"
+            on = f" (on {where} '{model['name']}' with {d_where} '{dataset['name']}')"
             for ai, attack in enumerate(resolved.attacks):
-                a_where = f"attacks[{_origin(origins, 'attacks', ai)}]"
+                a_where = f"attacks[{origin_of(origins, 'attacks', ai)}]"
                 applicability.check_target(attack, geo, dataset["name"], a_where)
-                attacks.append(applicability.attack_not_applicable(attack, geo, model["name"], a_where))
+                attacks.append(applicability.attack_not_applicable(attack, geo, model["name"], a_where, on))
             quant = [applicability.quant_not_applicable(q, geo, model["name"]) for q in resolved.quant]
             defenses = [applicability.defense_not_applicable(d, geo, model["name"]) for d in resolved.defenses]
-            out[(di, mi)] = _PairChecks(attacks, quant, defenses)
+            out[(di, mi)] = _PairChecks(attacks, quant, defenses, geo.capabilities)
     return out
 
 
-def _origin(origins: dict[str, list[int]], field: str, index: int) -> int:
+def origin_of(origins: dict[str, list[int]], field: str, index: int) -> int:
+    """The index in the scenario file of the entry the ``index``-th resolved component of ``field`` came from."""
     found = origins.get(field)
     return found[index] if found and index < len(found) else index
 
@@ -269,11 +275,18 @@ def _build(resolved: ResolvedScenario, checks: dict[tuple[int, int], _PairChecks
     attacks += [(attack, rate) for attack in resolved.attacks for rate in scenario.poison_rates]
     stages = {d["name"]: defense_stages(d["name"]) for d in resolved.defenses}
     attack_index = {id(a): i for i, a in enumerate(resolved.attacks)}
+    defended_jobs: set[str] = set()
     for (di, dataset), (mi, model), train, seed in itertools.product(
         enumerate(resolved.datasets), enumerate(resolved.models), resolved.train, scenario.seeds
     ):
         pair = checks[(di, mi)]
         fit = {k: v for k, v in train.items() if k not in EVAL_ONLY_TRAIN_KEYS}
+        train_na = applicability.train_not_applicable(fit, pair.capabilities, model["name"])
+        if train_na is not None:  # e.g. QAT of the experts of a dense model: nothing of this setting runs
+            for attack, rate in attacks:
+                _not_applicable_cells(plan, resolved, stages, dataset, model, attack, rate, seed, train,
+                                      [""] * len(resolved.quant), train_na)
+            continue
         base = {"dataset": dataset, "model": model, "train": fit, "seed": seed}
         clean_train = add("train", {**base, "attack": None, "poison_rate": None})
         clean_evals = evaluations(clean_train, None, None, dataset, model, train, pair.quant)
@@ -293,12 +306,16 @@ def _build(resolved: ResolvedScenario, checks: dict[tuple[int, int], _PairChecks
             if attack is None:
                 continue
             for defense, defense_na in zip(resolved.defenses, pair.defenses, strict=True):
+                entry = {"dataset": dataset, "model": model, "attack": attack, "poison_rate": rate, "seed": seed,
+                         "train": train, "defense": defense, "job": ""}
                 if defense_na is None:
                     defend_job = add("defend", {**base, "attack": attack, "poison_rate": rate, "defense": defense},
                                      (train_job,))
-                    plan.defenses.append({"dataset": dataset, "model": model, "attack": attack,
-                                          "poison_rate": rate, "seed": seed, "train": train, "defense": defense,
-                                          "job": defend_job})
+                    if defend_job not in defended_jobs:  # train grids over evaluation-only keys share it
+                        defended_jobs.add(defend_job)
+                        plan.defenses.append({**entry, "job": defend_job})
+                else:  # listed so the detection table can show it n/a (a detection-only defense has no cell)
+                    plan.defenses.append({**entry, "not_applicable": defense_na})
                 for stage in stages[defense["name"]]:
                     staged = {**defense, "stage": stage}
                     if defense_na is not None:

@@ -82,8 +82,9 @@ def check_data(prepared: Prepared, dataset_of: DatasetOf) -> None:
         _check_declared(dataset, data)
         for i, attack in enumerate(prepared.resolved.attacks):
             if attack["target"] >= data.num_classes:
+                entry = planning.origin_of(prepared.resolved.origins, "attacks", i)
                 raise ScenarioError(
-                    f"{prepared.resolved.source}: attacks (entry {i + 1}, {attack['name']}).target: "
+                    f"{prepared.resolved.source}: attacks[{entry}].target: "
                     f"{attack['target']} is not a class of dataset '{dataset['name']}' "
                     f"(valid: 0..{data.num_classes - 1})"
                 )

@@ -190,6 +190,14 @@ class Scenario(_Strict):
         return seeds
 
     @model_validator(mode="after")
+    def _min_seeds_reachable(self) -> Scenario:
+        wanted = self.report.min_seeds
+        if wanted is not None and wanted > len(self.seeds):
+            raise ValueError(f"report.min_seeds: {wanted} seeds required but the scenario has {len(self.seeds)} "
+                             f"({self.seeds}); no leaderboard entry could ever be judged")
+        return self
+
+    @model_validator(mode="after")
     def _attacks_need_rates(self) -> Scenario:
         if self.attacks and not self.poison_rates:
             raise ValueError("attacks are declared but poison_rates is empty; add e.g. poison_rates: [0.05]")

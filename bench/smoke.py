@@ -13,7 +13,8 @@ two steps:
    ``epochs`` parameter at 1.
 2. :func:`smoke_plan` keeps a covering subset of the planned cells: every model x train setting x attack
    (trigger, apply, objective) trained and evaluated at fp32 once, every data set x model at least once
-   (its clean model comes along for CAD); each quantization config once per model; each defense once per
+   (its clean model comes along for CAD); each quantization config once per model for a clean, a poisoned
+   and a qcb-trained model (the dormancy table's cells); each defense once per
    model, and each of its stages at fp32 and at one quantization config; every not-applicable cell (they
    cost nothing).
 """
@@ -45,6 +46,8 @@ def smoke_scenario(raw: dict[str, Any], data_root: str | None = None) -> dict[st
     rates = out.get("poison_rates")
     if isinstance(rates, list) and rates and all(isinstance(r, int | float) for r in rates):
         out["poison_rates"] = [max(rates)]
+    if isinstance(out.get("report"), dict):
+        out["report"] = {k: v for k, v in out["report"].items() if k != "min_seeds"}  # one seed in a smoke run
     train = out.get("train") if isinstance(out.get("train"), dict) else {}
     train = _collapse(train)
     train["epochs"] = max(1, *(_objective_epochs(a) for a in _entries(out, "attacks")), 1)
@@ -164,6 +167,8 @@ def smoke_plan(plan: Plan) -> Plan:
              for jid in (c.eval_job, c.clean_eval_job, c.base_eval_job) if jid]
     detections: set[str] = set()  # detection-only defenses (no stage to evaluate): one run per model too
     for entry in plan.defenses:
+        if not entry["job"]:
+            continue
         key = json.dumps([entry["model"], entry["defense"]], sort_keys=True)
         if key not in detections:
             detections.add(key)
@@ -175,7 +180,7 @@ def smoke_plan(plan: Plan) -> Plan:
         needed.add(jid)
         stack.extend(jobs[jid].deps)
     out = Plan(plan.name, [job for job in plan.jobs if job.id in needed], kept)
-    out.defenses = [d for d in plan.defenses if d["job"] in needed]
+    out.defenses = [d for d in plan.defenses if d["job"] in needed or d.get("not_applicable")]
     return out
 
 
@@ -187,8 +192,9 @@ def _cover_keys(cell: Cell) -> set[tuple[Any, ...]] | None:
     model = json.dumps(cell.model, sort_keys=True)
     if cell.defense is not None:
         return {("defense", model, json.dumps(cell.defense, sort_keys=True), _quant_label(cell) != "fp32")}
-    if _quant_label(cell) != "fp32":
-        return {("quant", model, _quant_label(cell))}
+    if _quant_label(cell) != "fp32":  # clean, plainly poisoned and qcb models each at every config
+        kind = "clean" if cell.attack is None else (cell.attack.get("objective") or {}).get("name", "poisoned")
+        return {("quant", model, _quant_label(cell), kind)}
     attack = json.dumps([cell.attack, cell.train], sort_keys=True, default=str)
     return {("train", model, attack), ("dataset", json.dumps(cell.dataset, sort_keys=True), model)}
 

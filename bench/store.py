@@ -414,6 +414,7 @@ def remove_store(root: Path) -> None:
             "or remove the folder yourself"
         )
     elsewhere = _artifacts_elsewhere(root)
+    ids = _job_ids(root) if elsewhere is not None else set()
     for name in STORE_FILES:
         path = root / name
         if path.is_symlink() or path.is_file():
@@ -423,7 +424,19 @@ def remove_store(root: Path) -> None:
     with contextlib.suppress(OSError):
         root.rmdir()  # only if empty: whatever else the user keeps there stays
     if elsewhere is not None:
-        _remove_artifacts(elsewhere)
+        _remove_artifacts(elsewhere, ids)
+
+
+def _job_ids(root: Path) -> set[str]:
+    """Ids of the jobs a store recorded (read before it is deleted: they name its artifact files)."""
+    try:
+        conn = sqlite3.connect(f"file:{root / 'results.db'}?mode=ro", uri=True)
+        try:
+            return {row[0] for row in conn.execute("SELECT id FROM jobs")}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return set()
 
 
 def _artifacts_elsewhere(root: Path) -> Path | None:
@@ -439,16 +452,19 @@ def _artifacts_elsewhere(root: Path) -> Path | None:
     return Path(json.loads(rows[0][0])) if rows else None
 
 
-def _remove_artifacts(folder: Path) -> None:
-    """Delete the model files, checksums and marker a store wrote into ``folder`` (only a marked folder)."""
+def _remove_artifacts(folder: Path, ids: set[str]) -> None:
+    """Delete the model files, checksums and temporary files of the jobs ``ids`` from a marked ``folder``
+    (``<job id>[.<stage>].pt`` and their sidecars: a job id holds no dot), nothing else; the marker and the
+    folder only when nothing else is left in it (another store's or the user's files stay)."""
     if not (folder / MARKER).is_file() or folder.is_symlink():
         return
     for path in folder.iterdir():
-        if path.is_file() and (path.name.endswith((ArtifactFiles.SUFFIX, ArtifactFiles.SIDECAR)) or ".tmp" in path.name
-                               or path.name == MARKER):
+        if path.is_file() and path.name.split(".", 1)[0] in ids:
             path.unlink()
-    with contextlib.suppress(OSError):
-        folder.rmdir()
+    if [p.name for p in folder.iterdir()] == [MARKER]:
+        (folder / MARKER).unlink()
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def open_existing(root: str | Path) -> Store:

@@ -141,6 +141,12 @@ def augment_batch(x: torch.Tensor, mode: str, generator: torch.Generator | None 
     return out.contiguous()
 
 
+def _weights_finite(model: nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer is finite (one host sync)."""
+    checks = [torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
 def make_optimizer(params: Any, cfg: dict[str, Any]) -> torch.optim.Optimizer:
     if cfg["optimizer"] == "adam":
         return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
@@ -231,6 +237,8 @@ def fit(
             mean_loss = float(total.item()) / len(x)
             if not math.isfinite(mean_loss):
                 raise TrainingDiverged(epoch + 1, mean_loss)
+            if epoch + 1 == epochs and not _weights_finite(model):  # the last step's update is in no loss
+                raise TrainingDiverged(epoch + 1, mean_loss, "non-finite weights after the last step")
             result.epoch_losses.append(mean_loss)
             if on_epoch is not None:
                 on_epoch(epoch + 1, epochs, mean_loss)

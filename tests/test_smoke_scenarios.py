@@ -38,7 +38,8 @@ def _kinds(cells: list[dict]) -> dict[str, set[tuple]]:
             attack["name"], attack["apply"], (attack.get("objective") or {}).get("name"), "trigger_grid" in attack)
         out["training"].add((model, *what))
         out["dataset"].add((cell["dataset"]["name"], model))
-        out["quant"].add((model, (cell.get("quant") or {}).get("label", "fp32")))
+        kind = "clean" if attack is None else (attack.get("objective") or {}).get("name", "poisoned")
+        out["quant"].add((model, (cell.get("quant") or {}).get("label", "fp32"), kind))
         if cell.get("defense"):
             out["defense"].add((model, cell["defense"]["name"], cell["defense"]["stage"]))
     return out
@@ -74,6 +75,9 @@ def test_every_shipped_scenario_runs_end_to_end_at_toy_scale(scenario: Path, dat
     cells = store.get_meta("cells")
     records = store.records()
     assert all("failed" not in r.metrics for r in records.values())
-    # every planned cell that can run has its result: nothing was skipped
+    # every planned cell that can run has its result, its clean baseline (CAD) and its model before the
+    # defense (DER); every defense entry has its job: nothing was skipped
     runnable = [c for c in cells if not c.get("not_applicable")]
-    assert runnable and all(c["eval_job"] in records for c in runnable)
+    assert runnable and all(c["eval_job"] in records and c["clean_eval_job"] in records for c in runnable)
+    assert all(c["base_eval_job"] in records for c in runnable if c.get("base_eval_job"))
+    assert all(d["job"] in records for d in store.get_meta("defenses", []) if not d.get("not_applicable"))

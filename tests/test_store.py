@@ -180,7 +180,17 @@ def test_fresh_removes_artifacts_kept_outside_the_store(tmp_path):
 
     shared = tmp_path / "shared" / "run"
     store = Store(tmp_path / "run", artifacts_dir=shared)
-    store.save_state("tr-1", {"w": torch.ones(2)})
+    name = store.save_state("tr-1", {"w": torch.ones(2)})
+    store.record("tr-1", "train", {}, [], {"ba": 0.5}, 1.0, "cpu", name)
     (shared / "notes.txt").write_text("the user's")
+    torch.save({"w": torch.zeros(1)}, shared / "my_resnet.pt")  # a model file the store did not write
+    torch.save({"w": torch.zeros(1)}, shared / "tr-2.pt")  # another store's job in the same folder
     remove_store(tmp_path / "run")
-    assert not (tmp_path / "run").exists() and sorted(p.name for p in shared.iterdir()) == ["notes.txt"]
+    assert not (tmp_path / "run").exists()
+    assert sorted(p.name for p in shared.iterdir()) == [".pmoe-bench-store", "my_resnet.pt", "notes.txt", "tr-2.pt"]
+    for extra in ("notes.txt", "my_resnet.pt", "tr-2.pt"):
+        (shared / extra).unlink()
+    other = Store(tmp_path / "run", artifacts_dir=shared)
+    other.record("tr-3", "train", {}, [], {"ba": 0.5}, 1.0, "cpu", other.save_state("tr-3", {"w": torch.ones(1)}))
+    remove_store(tmp_path / "run")
+    assert not shared.exists()  # only its own files and the marker were left: the folder goes too

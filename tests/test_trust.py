@@ -140,7 +140,7 @@ def test_a_diverged_training_is_a_failed_cell_the_rest_runs_and_the_run_exits_1(
 
 
 def test_a_failure_stops_only_its_dependents(write_scenario, tmp_path: Path) -> None:
-    # lr 5 diverges the attacked model only on some settings; force it with two train settings instead
+    # two train settings: the lr 1e6 one diverges, the lr 0.05 one trains
     raw = tiny_scenario(train={"epochs": 1, "lr": {"grid": [0.05, 1.0e6]}})
     result = _run(write_scenario(raw), tmp_path)
     assert result.exit_code == 1
@@ -150,6 +150,10 @@ def test_a_failure_stops_only_its_dependents(write_scenario, tmp_path: Path) -> 
     assert {r.spec["train"]["lr"] for r in ok if r.kind == "train"} == {0.05}
     assert {r.spec["train"]["lr"] for r in bad if r.kind == "train"} == {1.0e6}
     assert all("ba" in r.metrics for r in ok if r.kind == "evaluate")
+    # the diverged trainings' evaluations inherit the failure, naming their input, and run nothing
+    failed_trainings = {r.id for r in bad if r.kind == "train"}
+    evals = [r for r in bad if r.kind == "evaluate"]
+    assert len(evals) == 2 and all(r.metrics["failed_input"] in failed_trainings for r in evals)
 
 
 # -- --fresh and names --------------------------------------------------------------------------------
@@ -219,3 +223,37 @@ def test_the_report_says_when_cpu_and_gpu_rows_mix(tmp_path: Path) -> None:
     warning = mixed_hardware_warning([row("a", cpu), row("b", gpu)])
     assert warning is not None and "CPUs and GPUs" in warning
     assert warning in to_markdown([], {"scenario": "x", "hardware_warning": warning})
+
+
+def test_a_last_step_that_breaks_the_weights_is_a_divergence() -> None:
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    x, y = torch.rand(8, 1, 2, 2), torch.tensor([0, 1] * 4)
+    cfg = {"epochs": 1, "batch_size": 4, "optimizer": "sgd", "lr": 1.0, "momentum": 0.0, "weight_decay": 0.0}
+    steps: list[int] = []
+
+    def poisoned_last_step(model: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        # every loss is finite; the last step's gradient is NaN, so only the weights after it show the damage
+        steps.append(1)
+        loss = torch.nn.functional.cross_entropy(model(xb), yb)
+        if len(steps) == 2:
+            model[1].weight.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+        return loss
+
+    with pytest.raises(TrainingDiverged, match="non-finite weights after the last step"):
+        fit(model, x, y, cfg, seed=0, objective=poisoned_last_step)
+
+
+def test_qat_of_a_scope_the_model_lacks_is_planned_not_applicable(write_scenario) -> None:
+    path = write_scenario(tiny_scenario(
+        models=[{"name": "pmoe", "width": 1, "experts": 2, "topk": 4}, {"name": "dense", "width": 1}],
+        train={"epochs": 1, "qat_bits": 4, "qat_scope": "experts"}))
+    plan = runs.prepare(path).plan
+    dense = [c for c in plan.cells if c.model["name"] == "dense"]
+    assert dense and all("train.qat_scope 'experts'" in str(c.not_applicable) for c in dense)
+    assert {j.spec["model"]["name"] for j in plan.jobs} == {"pmoe"}
+    assert not [c for c in plan.cells if c.model["name"] == "pmoe" and c.not_applicable]
+
+
+def test_min_seeds_beyond_the_seeds_is_refused(write_scenario) -> None:
+    with pytest.raises(ScenarioError, match=r"report.min_seeds: 3 seeds required but the scenario has 2"):
+        runs.prepare(write_scenario(tiny_scenario(seeds=[0, 1], report={"min_seeds": 3})))
