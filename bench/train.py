@@ -141,10 +141,10 @@ def augment_batch(x: torch.Tensor, mode: str, generator: torch.Generator | None 
     return out.contiguous()
 
 
-def _weights_finite(model: nn.Module) -> bool:
-    """Whether every floating-point parameter and buffer is finite (one host sync)."""
+def _weights_finite(model: nn.Module) -> torch.Tensor:
+    """A device bool: every floating-point parameter and buffer is finite (no host sync)."""
     checks = [torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()]
-    return bool(torch.stack(checks).all()) if checks else True
+    return torch.stack(checks).all() if checks else torch.ones((), dtype=torch.bool)
 
 
 def make_optimizer(params: Any, cfg: dict[str, Any]) -> torch.optim.Optimizer:
@@ -234,10 +234,14 @@ def fit(
                 if scheduler is not None:
                     scheduler.step()
                 total += loss.detach().float() * len(idx)
-            mean_loss = float(total.item()) / len(x)
+            if epoch + 1 < epochs:
+                mean_loss, finite = float(total.item()) / len(x), True
+            else:  # the last step's update is in no loss: its weights are checked in the same host read
+                loss_sum, finite_flag = torch.stack([total.float(), _weights_finite(model).float()]).tolist()
+                mean_loss, finite = loss_sum / len(x), finite_flag == 1.0
             if not math.isfinite(mean_loss):
                 raise TrainingDiverged(epoch + 1, mean_loss)
-            if epoch + 1 == epochs and not _weights_finite(model):  # the last step's update is in no loss
+            if not finite:
                 raise TrainingDiverged(epoch + 1, mean_loss, "non-finite weights after the last step")
             result.epoch_losses.append(mean_loss)
             if on_epoch is not None:

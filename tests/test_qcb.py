@@ -365,7 +365,8 @@ def test_fit_with_the_qcb_objective_reads_the_device_once_per_epoch() -> None:
             fit(model, training.x, training.y, cfg, seed=0, objective=training.objective)
     finally:
         training.finish()
-    assert calls == ["item"], calls  # one per epoch, none per step
+    assert len(calls) == 1 and calls[0] in ("item", "tolist"), calls  # one per epoch (loss and, in the last
+    # epoch, the weights' finiteness together), none per step
 
 
 def test_host_indexed_rows_give_the_losses_of_the_mask_indexed_ones() -> None:
