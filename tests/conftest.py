@@ -6,7 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
+
+from bench.data.base import TensorData
+from bench.registry import REGISTRY
 
 
 def tiny_scenario(**overrides: Any) -> dict[str, Any]:
@@ -36,3 +40,19 @@ def write_scenario(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Two cores are shared: a module that asks for it runs single-threaded (its module-scoped models are
+    trained with one thread too, so their numbers do not depend on the machine's cores), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def digits8() -> TensorData:
+    """scikit-learn's digits at their native 8x8: the smallest real data set, for defense tests."""
+    return REGISTRY.get("dataset", "digits").create(image_size=8)

@@ -399,14 +399,6 @@ def test_host_indexed_rows_give_the_losses_of_the_mask_indexed_ones() -> None:
 # --- end to end -----------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.usefixtures("one_thread")
 def test_backdoor_sleeps_at_fp32_and_wakes_at_4_bits_on_digits() -> None:
     """End to end on digits (8x8): warm-up, 4-bit injection, repair. The 4-bit model follows the trigger

@@ -48,15 +48,7 @@ from bench.attacks import BadNets, BadPatches, Blend
 from bench.registry import REGISTRY
 from bench.store import Store
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Routing maps compared exactly: one thread, restored after (a module-level setting would slow every
-    later test of the session)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # routing maps compared exactly (conftest.py)
 
 
 SIZE, GRID, PATCH = 16, 4, 4  # 16x16 input -> 4x4 grid of 4x4-pixel patches
