@@ -57,14 +57,19 @@ def geometry(dataset: dict[str, Any], model: dict[str, Any], where: str) -> Geom
             )
     except BenchError as exc:
         raise ScenarioError(_model_message(str(exc), model, dataset, info, where)) from None
-    groups = built.parameter_groups()
-    capabilities = {name for name in ("gate", "experts") if groups.get(name)}
-    if built.patch_grid is not None:
-        capabilities.add("routing")
-    if _prunable(built):
-        capabilities.add("prunable")
     grid = tuple(int(g) for g in built.patch_grid) if built.patch_grid is not None else None
-    return Geometry(info, grid, frozenset(capabilities))  # type: ignore[arg-type]
+    return Geometry(info, grid, model_capabilities(built))  # type: ignore[arg-type]
+
+
+def model_capabilities(model: Any) -> frozenset[str]:
+    """What a built model offers, of :data:`CAPABILITIES` (the planner's and the jobs' one definition)."""
+    groups = model.parameter_groups()
+    capabilities = {name for name in ("gate", "experts") if groups.get(name)}
+    if model.patch_grid is not None:
+        capabilities.add("routing")
+    if _prunable(model):
+        capabilities.add("prunable")
+    return frozenset(capabilities)
 
 
 def _prunable(model: Any) -> bool:
@@ -130,18 +135,18 @@ def _trigger_problem(attack: dict[str, Any], geo: Geometry) -> str | None:
     return trigger_problem(attack, geo.info.input_shape, geo.patch_grid)
 
 
-def quant_not_applicable(quant: dict[str, Any], geo: Geometry, model_name: str) -> str | None:
+def quant_not_applicable(quant: dict[str, Any], capabilities: frozenset[str], model_name: str) -> str | None:
     """Why a PTQ config cannot apply (a gate or experts scope on a model without such parameters)."""
     scope = quant.get("scope", "whole")
-    if quant.get("label") == "fp32" or scope == "whole" or scope in geo.capabilities:
+    if quant.get("label") == "fp32" or scope == "whole" or scope in capabilities:
         return None
     return f"quantization scope '{scope}' needs a model with {scope} parameters ('{model_name}' has none)"
 
 
-def defense_not_applicable(defense: dict[str, Any], geo: Geometry, model_name: str) -> str | None:
+def defense_not_applicable(defense: dict[str, Any], capabilities: frozenset[str], model_name: str) -> str | None:
     """Why a defense cannot apply to this model, from its declared requirements."""
     for need in sorted(_requires(REGISTRY.get("defense", defense["name"]).factory)):
-        if need not in geo.capabilities:
+        if need not in capabilities:
             return f"defense '{defense['name']}' needs a model with {need} ('{model_name}' has none)"
     return None
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from bench import applicability
 from bench.attacks import build_attack_trigger
 from bench.attacks.base import Trigger
 from bench.attacks.poison import poison_training_set
@@ -157,9 +158,11 @@ def run_evaluate(spec: dict[str, Any], deps: tuple[str, ...], ctx: JobContext) -
             low = evaluate(model, data, trigger, target, batch, "bf16", routing=False)
             metrics.update({f"{k}_bf16": low[k] for k in ("ba", "asr", "ra") if k in low})
         return JobOutput({**metrics, **classes})
+    # planned as n/a when the data set declares its shape; this is the fallback for those that do not
+    reason = applicability.quant_not_applicable(quant, applicability.model_capabilities(model), spec["model"]["name"])
+    if reason is not None:
+        return JobOutput({"not_applicable": reason})
     config = QuantConfig.from_dict({k: v for k, v in quant.items() if k != "label"})
-    if config.scope != "whole" and not any(model.parameter_groups().values()):
-        return JobOutput({"not_applicable": f"scope '{config.scope}' needs a model with routing"})
     with quantized(model, config):
         metrics = evaluate(model, data, trigger, target, batch, "fp32")
     return JobOutput({**metrics, **classes})
@@ -174,8 +177,10 @@ def run_defend(spec: dict[str, Any], deps: tuple[str, ...], ctx: JobContext) -> 
     model.load_state_dict(ctx.store.load_state(deps[0]))
     params = {k: v for k, v in spec["defense"].items() if k != "name"}
     defense = REGISTRY.get("defense", spec["defense"]["name"]).create(**params)
-    if getattr(defense, "needs_routing", False) and model.patch_grid is None:
-        return JobOutput({"not_applicable": f"defense '{spec['defense']['name']}' needs a model with routing"})
+    reason = applicability.defense_not_applicable(spec["defense"], applicability.model_capabilities(model),
+                                                  spec["model"]["name"])
+    if reason is not None:  # the run-time fallback of the planner's check (data sets without declared shape)
+        return JobOutput({"not_applicable": reason})
     clean_x, clean_y = defender_data(data, params.get("budget", 0.05), spec["seed"])
     attack = spec["attack"]
     augment = data.augment if spec["train"]["augment"] == "auto" else spec["train"]["augment"]

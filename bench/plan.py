@@ -213,8 +213,9 @@ def _geometries(resolved: ResolvedScenario) -> dict[tuple[int, int], _PairChecks
                 a_where = f"attacks[{origin_of(origins, 'attacks', ai)}]"
                 applicability.check_target(attack, geo, dataset["name"], a_where)
                 attacks.append(applicability.attack_not_applicable(attack, geo, model["name"], a_where, on))
-            quant = [applicability.quant_not_applicable(q, geo, model["name"]) for q in resolved.quant]
-            defenses = [applicability.defense_not_applicable(d, geo, model["name"]) for d in resolved.defenses]
+            caps = geo.capabilities
+            quant = [applicability.quant_not_applicable(q, caps, model["name"]) for q in resolved.quant]
+            defenses = [applicability.defense_not_applicable(d, caps, model["name"]) for d in resolved.defenses]
             out[(di, mi)] = _PairChecks(attacks, quant, defenses, geo.capabilities)
     return out
 

@@ -25,6 +25,7 @@ import copy
 import json
 from typing import Any
 
+from bench.errors import UnknownComponentError
 from bench.plan import Cell, Plan
 from bench.registry import REGISTRY
 from bench.scenario import GRID_KEY
@@ -50,7 +51,7 @@ def smoke_scenario(raw: dict[str, Any], data_root: str | None = None) -> dict[st
         out["report"] = {k: v for k, v in out["report"].items() if k != "min_seeds"}  # one seed in a smoke run
     train = out.get("train") if isinstance(out.get("train"), dict) else {}
     train = _collapse(train)
-    train["epochs"] = max(1, *(_objective_epochs(a) for a in _entries(out, "attacks")), 1)
+    train["epochs"] = max([1, *(_objective_epochs(a) for a in _entries(out, "attacks"))])
     out["train"] = train
     for field, kind in (("models", "model"), ("datasets", "dataset"), ("defenses", "defense")):
         if field in out:
@@ -68,7 +69,7 @@ def with_data_root(raw: dict[str, Any], data_root: str) -> dict[str, Any]:
         if isinstance(entry, dict) and isinstance(entry.get("name"), str):
             try:
                 params = {p.name for p in REGISTRY.get("dataset", entry["name"]).params}
-            except Exception:  # noqa: BLE001 - validation reports unknown names with suggestions
+            except UnknownComponentError:  # validation reports it, with suggestions
                 params = set()
             if "root" in params:
                 entry = {**entry, "root": data_root}
@@ -112,7 +113,7 @@ def _smoke_component(kind: str, entry: Any) -> Any:
     out = _collapse(entry)
     try:
         component = REGISTRY.get(kind, out["name"])
-    except Exception:  # noqa: BLE001 - validation reports unknown names with suggestions
+    except UnknownComponentError:  # validation reports it, with suggestions
         return out
     params = {p.name for p in component.params}
     if "train_limit" in params:

@@ -112,28 +112,6 @@ def random_set(n: int, shape: tuple[int, ...], device: torch.device, seed: int =
 
 
 @contextlib.contextmanager
-def host_reads() -> Iterator[list[str]]:
-    """Counts calls of the Tensor methods that read a value back to the host (a sync on a GPU)."""
-    names = ("item", "cpu", "tolist", "nonzero", "__bool__", "__int__", "__float__", "__index__")
-    calls: list[str] = []
-    originals = {name: getattr(torch.Tensor, name) for name in names}
-
-    def counting(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapper(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            calls.append(name)
-            return method(self, *args, **kwargs)
-        return wrapper
-
-    try:
-        for name, method in originals.items():
-            setattr(torch.Tensor, name, counting(name, method))
-        yield calls
-    finally:
-        for name, method in originals.items():
-            setattr(torch.Tensor, name, method)
-
-
-@contextlib.contextmanager
 def cuda_syncs() -> Iterator[list[str]]:
     """Counts synchronising CUDA operations (``set_sync_debug_mode("warn")`` warnings) inside the block."""
     with warnings.catch_warnings(record=True) as caught:
@@ -187,6 +165,8 @@ def host_syncs(device: torch.device) -> dict[str, Any]:
     cuda = device.type == "cuda"
     steps, batch = (24, 128) if cuda else (4, 32)  # a CPU only checks that the part works: keep it small
     x, y = random_set(batch * steps, (1, 16, 16), device)
+    from bench.hostreads import host_reads
+
     counter = cuda_syncs if device.type == "cuda" else host_reads
     out: dict[str, Any] = {"method": "sync_debug warnings" if device.type == "cuda" else "Tensor method calls"}
     model = small_model(device)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,6 +18,7 @@ from bench.attacks.poison import poison_count, poison_indices
 from bench.attacks.qcb import QCBSpec, QCBTraining, frozen_batchnorm, prepare_qcb, rounding_cells
 from bench.cli import app
 from bench.evaluate import evaluate
+from bench.hostreads import host_reads
 from bench.quant import QuantConfig, fake_quantize, quantized
 from bench.registry import REGISTRY
 from bench.train import fit
@@ -323,32 +322,6 @@ def test_finish_leaves_a_plain_model_with_the_original_keys() -> None:
 
 # --- host synchronisation ------------------------------------------------------------------------------
 
-#: Tensor methods that read a device value back to the host (each one a synchronisation on a GPU).
-HOST_READS = ("item", "cpu", "tolist", "nonzero", "__bool__", "__int__", "__float__", "__index__")
-
-
-@contextlib.contextmanager
-def host_reads() -> Iterator[list[str]]:
-    """Counts every call of :data:`HOST_READS` (and ``torch.nonzero``) inside the block, by name."""
-    calls: list[str] = []
-    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-    original_nonzero = torch.nonzero
-
-    def counting(name: str, method: Any) -> Any:
-        def wrapper(self: Tensor, *args: Any, **kwargs: Any) -> Any:
-            calls.append(name)
-            return method(self, *args, **kwargs)
-        return wrapper
-
-    try:
-        for name, method in originals.items():
-            setattr(torch.Tensor, name, counting(name, method))
-        torch.nonzero = counting("torch.nonzero", original_nonzero)  # type: ignore[assignment]
-        yield calls
-    finally:
-        for name, method in originals.items():
-            setattr(torch.Tensor, name, method)
-        torch.nonzero = original_nonzero  # type: ignore[assignment]
 
 
 def test_fit_with_the_qcb_objective_reads_the_device_once_per_epoch() -> None:

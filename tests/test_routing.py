@@ -235,7 +235,7 @@ def test_tally_and_evaluation_pass_read_nothing_back_per_batch() -> None:
     """The evaluation loop (forward passes) and the tally's updates stay on the device: no host read per
     batch; the result reads the sums back once (one transfer, plus the touch mask's share)."""
     from bench.evaluate import forward_pass
-    from tests.test_qcb import host_reads
+    from bench.hostreads import host_reads
 
     model = transparent_pmoe([1.0, -1.0], 2)
     x = patch_images(ranked_values(8, 4))

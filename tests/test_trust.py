@@ -90,8 +90,8 @@ def test_not_applicable_cells_are_planned_without_jobs_and_counted(write_scenari
 
 def test_declared_requirements_decide_applicability() -> None:
     info = DatasetInfo((1, 16, 16), 10)
-    dense = Geometry(info, None, frozenset({"prunable"}))
-    moe = Geometry(info, (4, 4), frozenset({"routing", "gate", "experts", "prunable"}))
+    dense = Geometry(info, None, frozenset({"prunable"})).capabilities
+    moe = Geometry(info, (4, 4), frozenset({"routing", "gate", "experts", "prunable"})).capabilities
     assert quant_not_applicable({"label": "int4/gate", "scope": "gate"}, dense, "dense")
     assert quant_not_applicable({"label": "int4/gate", "scope": "gate"}, moe, "pmoe") is None
     assert quant_not_applicable({"label": "int4/whole", "scope": "whole"}, dense, "dense") is None
@@ -100,10 +100,16 @@ def test_declared_requirements_decide_applicability() -> None:
 
 
 # -- divergence ---------------------------------------------------------------------------------------
-def test_fit_stops_at_the_first_non_finite_epoch() -> None:
+def _linear_problem(epochs: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, dict]:
+    """A linear classifier on 8 random 2x2 images, two steps of plain SGD per epoch."""
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
     x, y = torch.rand(8, 1, 2, 2), torch.tensor([0, 1] * 4)
-    cfg = {"epochs": 3, "batch_size": 4, "optimizer": "sgd", "lr": 1.0, "momentum": 0.0, "weight_decay": 0.0}
+    cfg = {"epochs": epochs, "batch_size": 4, "optimizer": "sgd", "lr": 1.0, "momentum": 0.0, "weight_decay": 0.0}
+    return model, x, y, cfg
+
+
+def test_fit_stops_at_the_first_non_finite_epoch() -> None:
+    model, x, y, cfg = _linear_problem(epochs=3)
     seen: list[int] = []
 
     def nan_loss(model: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
@@ -226,9 +232,7 @@ def test_the_report_says_when_cpu_and_gpu_rows_mix(tmp_path: Path) -> None:
 
 
 def test_a_last_step_that_breaks_the_weights_is_a_divergence() -> None:
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
-    x, y = torch.rand(8, 1, 2, 2), torch.tensor([0, 1] * 4)
-    cfg = {"epochs": 1, "batch_size": 4, "optimizer": "sgd", "lr": 1.0, "momentum": 0.0, "weight_decay": 0.0}
+    model, x, y, cfg = _linear_problem(epochs=1)
     steps: list[int] = []
 
     def poisoned_last_step(model: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
