@@ -223,7 +223,8 @@ def report(
     try:
         store = runner.open_run(run_dir)
         # pictures are linked relative to the file written (absolute on stdout, which has no folder)
-        text = runner.render(store, fmt, relative_to=out_path.parent.resolve() if out_path is not None else None)
+        text = runner.render(store, fmt, relative_to=out_path.parent.resolve() if out_path is not None else None,
+                             picture_dir=out_path.parent / out_path.stem if out_path is not None else None)
     except BenchError as exc:
         raise _fail(exc) from None
     if out_path is not None:

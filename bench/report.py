@@ -30,6 +30,7 @@ from bench import __version__
 from bench.errors import ScenarioError
 from bench.metrics import Summary, defense_effectiveness_rating, seed_list, summarize_seeds
 from bench.store import JobRecord
+from bench.transfer import transfer_table
 
 HEADLINE_ASR = 0.90
 HEADLINE_CAD = 0.02
@@ -692,7 +693,7 @@ def _required(rows: list[Row], meta: dict[str, Any]) -> int:
 
 
 def to_markdown(rows: list[Row], meta: dict[str, Any], pictures: list[str] | None = None,
-                routing_pictures: list[str] | None = None) -> str:
+                routing_pictures: list[str] | None = None, transfer_pictures: list[str] | None = None) -> str:
     """The report as markdown: header, one Table-1-style table per group, the ranked leaderboard."""
     lines = [f"# pmoe-bench report: {meta.get('scenario', '?')}", ""]
     lines.append(
@@ -724,6 +725,7 @@ def to_markdown(rows: list[Row], meta: dict[str, Any], pictures: list[str] | Non
     lines += defense_tables(rows)
     lines += detection_table(meta.get("detections", []))
     lines += quantization_tables(rows)
+    lines += transfer_table(rows, transfer_pictures)
     lines += reference_table(rows, meta.get("reference"))
     if pictures:
         lines += ["## Triggers", "", "Clean test images beside each attack's triggered version, over the model's "

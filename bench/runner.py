@@ -26,6 +26,7 @@ from bench.jobs import DatasetCache, JobContext
 from bench.provenance import mixed_hardware_warning
 from bench.store import JobRecord, Store, git_commit, open_existing, remove_store
 from bench.train import resolve_device
+from bench.transfer import draw_transfer
 
 
 @dataclass
@@ -332,15 +333,20 @@ def _with_inputs(store: Store, records: dict[str, JobRecord]) -> dict[str, JobRe
     return out
 
 
-def render(store: Store, fmt: str = "md", relative_to: Path | None = None) -> str:
-    """The report of ``store`` in ``md``, ``csv`` or ``json``."""
+def render(store: Store, fmt: str = "md", relative_to: Path | None = None, picture_dir: Path | None = None) -> str:
+    """The report of ``store`` in ``md``, ``csv`` or ``json``; a markdown report written to a file draws its
+    report-time pictures (the transfer matrix) into ``picture_dir`` and links them relative to ``relative_to``."""
     rows, meta = report_rows(store)
     if fmt == "csv":
         return reporting.to_csv(rows)
     if fmt == "json":
         return reporting.to_json(rows, meta)
+    drawn = draw_transfer(rows, picture_dir) if picture_dir is not None else []
+    transfer_pictures = [os.path.relpath(p.resolve(), relative_to) if relative_to is not None else str(p)
+                         for p in drawn]
     return reporting.to_markdown(rows, meta, pictures=_relative_pictures(store, relative_to),
-                                 routing_pictures=_relative_pictures(store, relative_to, "analysis_pictures"))
+                                 routing_pictures=_relative_pictures(store, relative_to, "analysis_pictures"),
+                                 transfer_pictures=transfer_pictures)
 
 
 def _relative_pictures(store: Store, relative_to: Path | None, key: str = "pictures") -> list[str]:
@@ -355,7 +361,8 @@ def _relative_pictures(store: Store, relative_to: Path | None, key: str = "pictu
 
 def write_report(store: Store, out: Path, fmt: str = "md") -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(store, fmt, relative_to=out.parent.resolve()), encoding="utf-8")
+    text = render(store, fmt, relative_to=out.parent.resolve(), picture_dir=out.parent / out.stem)
+    out.write_text(text, encoding="utf-8")
     return out
 
 
