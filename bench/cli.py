@@ -258,6 +258,7 @@ def list_plugins(
     kind: Annotated[str | None, typer.Option(help="model, dataset, trigger or defense.")] = None,
     pattern: Annotated[str, typer.Argument(help="Glob on the component name.")] = "*",
     plugins: PluginsOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the components as JSON instead of a table.")] = False,
 ) -> None:
     """List every known component with its source, parameters and one-line doc."""
     from bench.plugins import load_plugins
@@ -270,6 +271,13 @@ def list_plugins(
         components = list(REGISTRY.list(kind, pattern))
     except BenchError as exc:
         raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps([
+            {"kind": c.kind, "name": c.name, "source": c.source, "doc": c.doc,
+             "parameters": [{"name": p.name, "type": str(p.annotation), "required": p.required,
+                             **({} if p.required else {"default": p.default})} for p in c.params]}
+            for c in components], indent=2, default=repr))
+        return
     table = Table(show_lines=False)
     for col in ("kind", "name", "source", "parameters", "doc"):
         table.add_column(col, overflow="fold")
@@ -279,6 +287,23 @@ def list_plugins(
         )
         table.add_row(comp.kind, comp.name, comp.source, params, comp.doc)
     out.print(table)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from bench import __version__
+        from bench.store import git_commit
+
+        typer.echo(f"pmoe-bench {__version__} (commit {git_commit()})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and the code's git commit, then exit.")] = False,
+) -> None:
+    """pmoe-bench: backdoor attacks and defenses on patch-level Mixture-of-Experts classifiers."""
 
 
 app.command("analyze")(analyze)

@@ -187,3 +187,20 @@ def test_plugins_lists_builtins():
     for name in ("pmoe", "dense", "digits", "badnets", "blend", "wanet"):
         assert name in result.output
     assert invoke("plugins", "--kind", "attack").exit_code == 2
+
+
+def test_version_names_the_package_version_and_commit():
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.startswith(f"pmoe-bench {__version__} (commit ")
+
+
+def test_plugins_json_lists_components_with_their_parameters():
+    result = CliRunner().invoke(app, ["plugins", "--json", "--kind", "trigger"])
+    assert result.exit_code == 0, result.output
+    components = json.loads(result.stdout)
+    badnets = next(c for c in components if c["name"] == "badnets")
+    assert badnets["kind"] == "trigger" and badnets["source"] == "built-in"
+    size = next(p for p in badnets["parameters"] if p["name"] == "size")
+    assert size["required"] is False and isinstance(size["default"], int)
+    assert {c["kind"] for c in components} == {"trigger"}
