@@ -39,6 +39,9 @@ PluginsOpt = Annotated[
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Where result stores live (runs/<name>/).")]
 SmokeOpt = Annotated[bool, typer.Option("--smoke", help="Every kind of cell at toy scale, as its own study "
                                         "<name>-smoke: first seed, highest rate, 1 epoch, 64/32 images.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a field of the scenario file: "
+                                                 "--set train.epochs=1 --set poison_rates=[0.01] (dotted path, "
+                                                 "YAML value; repeatable).")]
 DataRootOpt = Annotated[Path | None, typer.Option("--data-root", help="Every data set with a root reads from "
                                                   "this folder (overrides the scenario's root).")]
 
@@ -124,10 +127,11 @@ def plan(
     plugins: PluginsOpt = None,
     smoke: SmokeOpt = False,
     data_root: DataRootOpt = None,
+    overrides: SetOpt = None,
 ) -> None:
     """Show the expanded matrix: cells, distinct trainings, evaluations, what is already done."""
     try:
-        prepared = runner.prepare(scenario, plugins, smoke, data_root)
+        prepared = runner.prepare(scenario, plugins, smoke, data_root, overrides)
         root = runner.store_dir(runs_dir, prepared.resolved.name)
         done = runner.Store(root).done_ids() if (root / "results.db").exists() else set()
     except BenchError as exc:
@@ -173,19 +177,21 @@ def run(
     gpus_per_job: Annotated[float | None, typer.Option("--gpus-per-job", help="With --executor ray: GPUs per job "
                                                        "worker, 0.25 = four on one GPU (default: 1 for CUDA, "
                                                        "0 for CPU).")] = None,
+    overrides: SetOpt = None,
 ) -> None:
     """Run a scenario: train, evaluate, write the report. Resumes whatever is already stored.
 
     Exit code 0 when every job succeeded (or is not applicable), 1 when some job failed (the rest still
     ran; the report shows the failed cells), 2 for a mistake in the scenario or options."""
     if dry_run:
-        plan(scenario, as_json=as_json, runs_dir=runs_dir, plugins=plugins, smoke=smoke, data_root=data_root)
+        plan(scenario, as_json=as_json, runs_dir=runs_dir, plugins=plugins, smoke=smoke, data_root=data_root,
+             overrides=overrides)
         return
     try:
         with RichReporter(err) as reporter:
             outcome = runner.run(scenario, runs_dir, reports_dir, fresh, device, plugins, reporter, workers,
                                  executor, address, retry_failed, smoke, data_root, artifacts_dir,
-                                 cpus_per_job, gpus_per_job)
+                                 cpus_per_job, gpus_per_job, overrides)
     except BenchError as exc:
         raise _fail(exc) from None
     except KeyboardInterrupt:

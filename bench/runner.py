@@ -38,22 +38,27 @@ class Prepared:
 
 
 def prepare(path: str | Path, plugins: list[str] | None = None, smoke: bool = False,
-            data_root: str | Path | None = None) -> Prepared:
+            data_root: str | Path | None = None, overrides: list[str] | None = None) -> Prepared:
     """Load and validate a scenario file and plan it (no data is loaded, nothing runs). ``smoke``: its toy
-    version (:mod:`bench.smoke`); ``data_root``: every data set reads from this folder."""
+    version (:mod:`bench.smoke`); ``data_root``: every data set reads from this folder; ``overrides``:
+    ``--set key=value`` texts applied to the file before validation (:mod:`bench.overrides`)."""
     path = Path(path)
-    if not smoke and data_root is None:
+    if not smoke and data_root is None and not overrides:
         resolved = scenarios.load(path, extra_plugins=plugins)
         return _checked(Prepared(resolved, planning.build(resolved)))
+    from bench.overrides import apply_overrides, describe
     from bench.plugins import load_plugins
     from bench.smoke import smoke_plan, smoke_scenario, with_data_root
 
-    raw = scenarios.read_yaml(path)
+    raw = apply_overrides(scenarios.read_yaml(path), overrides or [])
     if isinstance(raw.get("plugins"), list):  # toy parameters come from the components, plugins included
         load_plugins([*raw["plugins"], *(plugins or [])], base_dir=path.parent, source=str(path))
     root = str(data_root) if data_root is not None else None
-    raw = smoke_scenario(raw, root) if smoke else with_data_root(raw, str(root))
-    source = f"{path} (smoke)" if smoke else str(path)
+    if smoke:
+        raw = smoke_scenario(raw, root)
+    elif root is not None:
+        raw = with_data_root(raw, root)
+    source = f"{path}{describe(overrides or [])}" + (" (smoke)" if smoke else "")
     resolved = scenarios.resolve(raw, source=source, base_dir=path.parent, extra_plugins=plugins)
     plan = planning.build(resolved)
     return _checked(Prepared(resolved, smoke_plan(plan) if smoke else plan))
@@ -180,15 +185,16 @@ def run(
     artifacts_dir: str | Path | None = None,
     cpus_per_job: float | None = None,
     gpus_per_job: float | None = None,
+    overrides: list[str] | None = None,
 ) -> RunOutcome:
     """Run a scenario to completion (resuming whatever the store already holds) and write its report;
     ``workers > 1`` runs independent jobs at once in worker processes (:mod:`bench.execute.pool`);
     ``executor="ray"`` runs them on a Ray cluster (:mod:`bench.execute.ray_cluster`), each job on
     ``cpus_per_job`` CPUs and ``gpus_per_job`` GPUs. ``artifacts_dir``: model files go to
     ``<artifacts_dir>/<name>/`` (shared storage for a cluster) while the results database stays in
-    ``<runs_dir>/<name>/`` (a local disk)."""
+    ``<runs_dir>/<name>/`` (a local disk). ``overrides``: ``--set key=value`` texts (:mod:`bench.overrides`)."""
     _check_options(executor, address, workers, cpus_per_job, gpus_per_job)
-    prepared = prepare(path, plugins, smoke, data_root)
+    prepared = prepare(path, plugins, smoke, data_root, overrides)
     requested = device or prepared.resolved.scenario.device
     cluster = RayCluster(address) if executor == "ray" else None
     try:

@@ -173,6 +173,9 @@ def search(
     runs_dir: RunsDirOpt = Path("runs"),
     reports_dir: ReportsDirOpt = Path("reports"),
     plugins: PluginsOpt = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a field of the scenario file, "
+                                                        "e.g. --set train.epochs=1 (dotted path, YAML value; "
+                                                        "repeatable).")] = None,
 ) -> None:
     """Search a scenario's parameters with Optuna (resumable, shareable); write best.yaml and a report."""
     import optuna
@@ -185,6 +188,7 @@ def search(
             outcome = run_search(
                 scenario, n_trials=n_trials, timeout=timeout, storage=storage, study_name=study, seed=seed,
                 runs_dir=runs_dir, reports_dir=reports_dir, device=device, plugins=plugins, reporter=progress,
+                overrides=overrides,
             )
     except BenchError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)

@@ -109,11 +109,15 @@ class PreparedSearch:
         return resolved
 
 
-def prepare_search(path: str | Path, plugins: list[str] | None = None) -> PreparedSearch:
-    """Read a scenario file with a ``search:`` block and check all of it (no data is loaded)."""
+def prepare_search(path: str | Path, plugins: list[str] | None = None,
+                   overrides: list[str] | None = None) -> PreparedSearch:
+    """Read a scenario file with a ``search:`` block and check all of it (no data is loaded);
+    ``overrides``: ``--set key=value`` texts applied before validation (:mod:`bench.overrides`)."""
+    from bench.overrides import apply_overrides, describe
+
     path = Path(path)
-    source = str(path)
-    raw = scenarios.read_yaml(path)
+    source = f"{path}{describe(overrides or [])}"
+    raw = apply_overrides(scenarios.read_yaml(path), overrides or [])
     if "search" not in raw:
         raise ScenarioError(
             f"{source}: search: this scenario has no search block; add one, e.g. "

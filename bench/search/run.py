@@ -79,9 +79,11 @@ def run_search(
     device: str | None = None,
     plugins: list[str] | None = None,
     reporter: SearchReporter | None = None,
+    overrides: list[str] | None = None,
 ) -> SearchOutcome:
-    """Run (or resume, or join) the search of a scenario file; write ``best.yaml`` and the report."""
-    prepared = prepare_search(path, plugins)
+    """Run (or resume, or join) the search of a scenario file; write ``best.yaml`` and the report
+    (``overrides``: ``--set key=value`` texts applied to the file first)."""
+    prepared = prepare_search(path, plugins, overrides)
     root = Path(runs_dir) / prepared.name
     url = storage or default_storage(runs_dir, prepared.name)
     name = study_name or prepared.name
