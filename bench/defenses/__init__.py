@@ -9,11 +9,13 @@ and ``strip`` (Gao et al. 2019).
 from __future__ import annotations
 
 from bench.defenses.base import Defense, DefenseContext, DefenseStage, snapshot
+from bench.defenses.efrap import Efrap
 from bench.defenses.expert_pruning import ExpertPruning, routing_change
 from bench.defenses.fine_pruning import FinePruning
 from bench.defenses.finetune import FineTuning, finetune
 from bench.defenses.neural_cleanse import NeuralCleanse, ReversedTrigger, ReverseSpec, anomaly_indices, detect
 from bench.defenses.pruning import ChannelMask, Pruning, channel_scores, hold_pruned, prune
+from bench.defenses.quant_audit import QuantAudit
 from bench.defenses.strip import Strip, auroc, strip_entropy
 
 __all__ = [
@@ -21,11 +23,13 @@ __all__ = [
     "Defense",
     "DefenseContext",
     "DefenseStage",
+    "Efrap",
     "ExpertPruning",
     "FinePruning",
     "FineTuning",
     "NeuralCleanse",
     "Pruning",
+    "QuantAudit",
     "ReverseSpec",
     "ReversedTrigger",
     "Strip",
