@@ -44,7 +44,7 @@ from bench.defenses.base import DEFAULT_BUDGET, Defense, DefenseContext, Defense
 from bench.defenses.neural_cleanse import ReverseSpec, reverse_engineer, scanned_classes
 from bench.errors import ComponentParamsError
 from bench.models.base import BenchModel
-from bench.quant import SCOPES, QuantConfig, QuantError, normalize_bits, quantized, scope_parameters
+from bench.quant import QuantConfig, QuantError, normalize_bits, quantized, scope_parameters
 from bench.registry import register_defense
 
 Metric = float | int | str
@@ -143,7 +143,7 @@ class QuantAudit(Defense):
         budget: float = DEFAULT_BUDGET,
     ) -> None:
         self.bits = [8, 6, 4] if bits is None else list(bits)
-        self.scopes = list(SCOPES[::-1]) if scopes is None else list(scopes)
+        self.scopes = ["whole", "gate", "experts"] if scopes is None else list(scopes)
         self.granularity = ["tensor", "channel"] if granularity is None else list(granularity)
         self.symmetric = [False] if symmetric is None else list(symmetric)
         for field_name, values in (("bits", self.bits), ("scopes", self.scopes),
