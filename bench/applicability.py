@@ -136,11 +136,23 @@ def _trigger_problem(attack: dict[str, Any], geo: Geometry) -> str | None:
 
 
 def quant_not_applicable(quant: dict[str, Any], capabilities: frozenset[str], model_name: str) -> str | None:
-    """Why a PTQ config cannot apply (a gate or experts scope on a model without such parameters)."""
+    """Why a PTQ config cannot apply: a gate or experts scope on a model without such parameters, or a
+    real integer back-end asked for what it cannot run (:func:`bench.quant.backends.not_applicable`)."""
     scope = quant.get("scope", "whole")
-    if quant.get("label") == "fp32" or scope == "whole" or scope in capabilities:
+    if quant.get("label") == "fp32":
         return None
-    return f"quantization scope '{scope}' needs a model with {scope} parameters ('{model_name}' has none)"
+    if scope != "whole" and scope not in capabilities:
+        return f"quantization scope '{scope}' needs a model with {scope} parameters ('{model_name}' has none)"
+    return _backend_not_applicable(quant)
+
+
+def _backend_not_applicable(quant: dict[str, Any]) -> str | None:
+    if quant.get("backend", "fake") == "fake":
+        return None
+    from bench.quant import QuantConfig
+    from bench.quant.backends import not_applicable
+
+    return not_applicable(QuantConfig.from_dict({k: v for k, v in quant.items() if k != "label"}))
 
 
 def defense_not_applicable(defense: dict[str, Any], capabilities: frozenset[str], model_name: str) -> str | None:

@@ -135,7 +135,8 @@ def run_train(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
 
 
 def run_evaluate(spec: dict[str, Any], deps: tuple[str, ...], ctx: JobContext) -> JobOutput:
-    """Evaluate a stored model: BA, and ASR/RA for its attack, with its routing metrics.
+    """Evaluate a stored model: BA, and ASR/RA for its attack, with its routing metrics (none for a real
+    integer back-end, which runs its own quantized program: :mod:`bench.quant.backends`).
 
     Precision rule: every evaluation runs in fp32 arithmetic, whatever ``spec["precision"]`` (the training
     precision, part of the job id): a quantized model's integer levels must not be re-rounded by bf16
@@ -163,9 +164,17 @@ def run_evaluate(spec: dict[str, Any], deps: tuple[str, ...], ctx: JobContext) -
     if reason is not None:
         return JobOutput({"not_applicable": reason})
     config = QuantConfig.from_dict({k: v for k, v in quant.items() if k != "label"})
-    with quantized(model, config):
-        metrics = evaluate(model, data, trigger, target, batch, "fp32")
-    return JobOutput({**metrics, **classes})
+    if config.backend == "fake":
+        with quantized(model, config):
+            metrics = evaluate(model, data, trigger, target, batch, "fp32")
+        return JobOutput({**metrics, **classes})
+    # a real integer back-end: its runner (calibrated on clean training images) stands in for the model;
+    # it has no forward_routing, so the metrics are BA / ASR / RA without routing metrics
+    from bench.quant import backends
+
+    runner = backends.prepare(model, config, backends.calibration_images(data.train_x, config.calibration))
+    metrics = evaluate(backends.RunnerModule(runner), data, trigger, target, batch, "fp32")
+    return JobOutput({**metrics, **classes, "backend_prepare_seconds": getattr(runner, "prepare_seconds", None)})
 
 
 def run_defend(spec: dict[str, Any], deps: tuple[str, ...], ctx: JobContext) -> JobOutput:

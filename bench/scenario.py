@@ -66,22 +66,47 @@ class TrainSpec(_Strict):
 class QuantizationSpec(_Strict):
     """The PTQ axis: every trained (and defended) model is evaluated at every combination, no retraining.
 
-    ``bits`` takes integers 2..16 or ``fp32``; fp32 is always evaluated (it is the reference)."""
+    ``bits`` takes integers 2..16 or ``fp32``; fp32 is always evaluated (it is the reference). ``backends``
+    picks who computes the quantized numbers: ``fake`` (Eq. 2, the default) and/or real integer back-ends
+    (``torch-x86``, ``onnxruntime``, ``torchao``: the ``deploy`` extra), each calibrated on ``calibration``
+    clean training images (a fixed draw); see :mod:`bench.quant.backends`."""
 
     bits: list[int | Literal["fp32"]] = Field(default_factory=lambda: ["fp32"], min_length=1)
     scopes: list[Literal["gate", "experts", "whole"]] = Field(default_factory=lambda: ["whole"], min_length=1)
     granularity: list[Literal["tensor", "channel"]] = Field(default_factory=lambda: ["tensor"], min_length=1)
     symmetric: list[bool] = Field(default_factory=lambda: [False], min_length=1)
     activations: bool = False
+    backends: list[Literal["fake", "torch-x86", "onnxruntime", "torchao"]] = Field(
+        default_factory=lambda: ["fake"], min_length=1)
+    calibration: int = Field(256, ge=1)
+
+    @field_validator("backends")
+    @classmethod
+    def _backends_installed(cls, backends: list[str]) -> list[str]:
+        """A real back-end whose packages are missing fails here, before planning, with the install command."""
+        from bench.quant.backends import INSTALL_HINT, missing_packages
+
+        if len(set(backends)) != len(backends):
+            raise ValueError(f"each back-end once, got {backends}")
+        for i, name in enumerate(backends):
+            missing = missing_packages(name)
+            if missing:
+                raise ValueError(f"[{i}] '{name}' needs {', '.join(missing)}, not installed; install the deploy "
+                                 f"extra: {INSTALL_HINT}")
+        return backends
 
     def configs(self) -> list[dict[str, Any]]:
-        """Every quantization config as a dict (with its label); fp32 first and only once."""
+        """Every quantization config as a dict (with its label); fp32 first and only once; the fake configs
+        in their usual order, then each real back-end's (duplicates, after a back-end's fixed settings, once)."""
         from bench.quant import QuantConfig
 
         out: dict[str, dict[str, Any]] = {"fp32": {**QuantConfig().to_dict(), "label": "fp32"}}
-        for bits, scope, gran, sym in itertools.product(self.bits, self.scopes, self.granularity, self.symmetric):
+        for backend, bits, scope, gran, sym in itertools.product(
+            self.backends, self.bits, self.scopes, self.granularity, self.symmetric
+        ):
+            extra = {} if backend == "fake" else {"backend": backend, "calibration": self.calibration}
             cfg = QuantConfig(bits=None if bits == "fp32" else bits, scope=scope, granularity=gran, symmetric=sym,
-                              activations=self.activations)
+                              activations=self.activations, **extra)
             out.setdefault(cfg.label, {**cfg.to_dict(), "label": cfg.label})
         return list(out.values())
 

@@ -2,7 +2,8 @@
 
 Public names are re-exported here; the modules behind them are :mod:`bench.quant.fake` (the operator),
 :mod:`bench.quant.config` (:class:`QuantConfig`), :mod:`bench.quant.scopes` (which weights) and
-:mod:`bench.quant.apply` (PTQ, QAT, a quantized forward).
+:mod:`bench.quant.apply` (PTQ, QAT, a quantized forward). Real integer back-ends (torch-x86, onnxruntime,
+torchao), chosen by ``QuantConfig.backend``, live in :mod:`bench.quant.backends`.
 """
 
 from __future__ import annotations

@@ -8,15 +8,22 @@ backdoor may or may not survive the change.
 fp32 (``bits=None``, or ``32``) quantizes nothing, so every fp32 config is canonicalised to
 ``QuantConfig()``: equal, same hash, same label, whatever scope it was written with. That lets a planner
 deduplicate ``bits x scope`` grids without special cases.
+
+``backend`` picks who computes the quantized numbers: ``fake`` (Eq. 2 in fp32, the default) or a real integer
+back-end (:mod:`bench.quant.backends`). A real back-end's fixed settings replace the fields it cannot change,
+so its label names what actually runs (``int8/whole/channel/sym/act@torch-x86``), and ``calibration`` (how
+many clean training images calibrate it) is part of its config. For ``fake`` both are left out of
+:meth:`QuantConfig.to_dict`, so specs (and job ids) of fake configs are what they were before back-ends.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bench.errors import BenchError
+from bench.quant.backends.base import canonical_fields
 
 MIN_BITS = 2
 MAX_BITS = 16
@@ -24,6 +31,8 @@ FP32_BITS = 32
 
 Scope = Literal["gate", "experts", "whole"]
 Granularity = Literal["tensor", "channel"]
+BackendName = Literal["fake", "torch-x86", "onnxruntime", "torchao"]
+DEFAULT_CALIBRATION = 256
 
 
 class QuantError(BenchError):
@@ -51,6 +60,8 @@ class QuantConfig(BaseModel):
     symmetric:   False: asymmetric min-max (the paper); True: narrow-range symmetric, zero exact.
     activations: also fake-quantize the outputs of the modules that own in-scope weights (dynamic,
                  per tensor, per batch); see :mod:`bench.quant.apply`.
+    backend:     "fake" (Eq. 2 in fp32) or a real integer back-end of :mod:`bench.quant.backends`.
+    calibration: clean training images that calibrate a real back-end (ignored, and dropped, for fake).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -60,6 +71,8 @@ class QuantConfig(BaseModel):
     granularity: Granularity = "tensor"
     symmetric: bool = False
     activations: bool = False
+    backend: BackendName = "fake"
+    calibration: int = Field(DEFAULT_CALIBRATION, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -72,6 +85,11 @@ class QuantConfig(BaseModel):
         ):
             cls.model_validate({**data, "bits": MIN_BITS})
             return {"bits": None}
+        if isinstance(data, dict):
+            if data.get("backend", "fake") == "fake":  # calibration means nothing to fake quantization
+                cls.model_validate({**data, "backend": "torchao", "bits": 8, "scope": "whole"})
+                return {k: v for k, v in data.items() if k != "calibration"}
+            return canonical_fields(data)
         return data
 
     @field_validator("bits", mode="before")
@@ -88,7 +106,8 @@ class QuantConfig(BaseModel):
 
     @property
     def label(self) -> str:
-        """Short name for tables: ``fp32``, ``int4/whole``, ``int4/gate/channel/sym/act``."""
+        """Short name for tables: ``fp32``, ``int4/whole``, ``int4/gate/channel/sym/act``, and for a real
+        back-end ``@<backend>`` appended (``int8/whole/channel/sym/act@torch-x86``)."""
         if self.bits is None:
             return "fp32"
         parts = [f"int{self.bits}", self.scope]
@@ -98,10 +117,14 @@ class QuantConfig(BaseModel):
             parts.append("sym")
         if self.activations:
             parts.append("act")
-        return "/".join(parts)
+        label = "/".join(parts)
+        return label if self.backend == "fake" else f"{label}@{self.backend}"
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict; ``from_dict(to_dict())`` round-trips."""
+        """Plain JSON-able dict; ``from_dict(to_dict())`` round-trips. ``backend`` and ``calibration`` are
+        left out for fake configs (their dicts, hence job ids, are those of before back-ends existed)."""
+        if self.backend == "fake":
+            return self.model_dump(exclude={"backend", "calibration"})
         return self.model_dump()
 
     @classmethod
