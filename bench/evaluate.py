@@ -19,7 +19,7 @@ from torch import nn
 from bench import metrics
 from bench.analysis.routing import RoutingTally, has_routing, patch_touch_mask
 from bench.attacks.base import Trigger
-from bench.attacks.poison import triggered_test_set
+from bench.attacks.poison import asr_mask, backdoor_labels, triggered_test_set
 from bench.data.base import TensorData
 
 
@@ -96,25 +96,28 @@ def evaluate(
     precision: str = "fp32",
     routing: bool = True,
 ) -> dict[str, Any]:
-    """BA on the clean test set, and ASR / RA on its triggered non-target part when a trigger is given;
-    for models with routing also the routing metrics of :mod:`bench.analysis.routing` (which expert sees
-    the trigger, load balance, routing shift clean vs triggered).
+    """BA on the clean test set and, when a trigger is given, ASR / RA on its triggered ASR set: the
+    non-target images for an all-to-one attack (``target`` a label), every image for an all-to-all one
+    (``target`` None: the backdoor label is ``(y + 1) mod C``); for models with routing also the routing
+    metrics of :mod:`bench.analysis.routing` (which expert sees the trigger, load balance, routing shift
+    clean vs triggered).
 
     Two forward passes at most (clean, triggered), each giving predictions and routing together, in
-    ``precision``; the routing metrics pair the clean pass's non-target images with the triggered pass.
+    ``precision``; the routing metrics pair the clean pass's ASR-set images with the triggered pass.
     """
     clean = forward_pass(model, data.test_x, batch_size, precision, routing)
     out: dict[str, Any] = {"ba": metrics.accuracy(clean.preds, data.test_y), "n_test": int(len(data.test_y))}
-    if trigger is not None and target is not None:
+    if trigger is not None:
         x_t, y_true = triggered_test_set(data.test_x, data.test_y, trigger, target)
         trig = forward_pass(model, x_t, batch_size, precision, routing)
-        out["asr"] = metrics.attack_success_rate(trig.preds, target)
+        wanted = backdoor_labels(y_true, target, int(data.num_classes))
+        out["asr"] = metrics.attack_success_rate(trig.preds, wanted)
         out["ra"] = metrics.robust_accuracy(trig.preds, y_true)
         out["n_asr"] = int(len(y_true))
         if clean.selection is not None and trig.selection is not None and len(y_true):
             grid = (int(clean.selection.shape[2]), int(clean.selection.shape[3]))
             touch = patch_touch_mask(trigger, tuple(data.test_x.shape[1:]), grid)
-            paired = clean.selection[data.test_y != target]
+            paired = clean.selection[asr_mask(data.test_y, target)]
             out.update(_tally(paired, trig.selection, touch, batch_size))
     elif clean.selection is not None and len(data.test_y):
         out.update(_tally(clean.selection, None, None, batch_size))

@@ -106,7 +106,8 @@ def run_train(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
             )
             x, y, objective, finish = qcb.x, qcb.y, qcb.objective, qcb.finish
         else:
-            poisoned = poison_training_set(x, y, trigger, attack["target"], spec["poison_rate"], spec["seed"])
+            poisoned = poison_training_set(x, y, trigger, attack["target"], spec["poison_rate"], spec["seed"],
+                                           mode=attack.get("mode", "dirty"), num_classes=data.num_classes)
             x, y = poisoned.x, poisoned.y
             metrics["n_poisoned"] = int(len(poisoned.indices))
     if spec["train"].get("qat_bits") and finish is _no_op:

@@ -3,7 +3,9 @@
 All rates are fractions in [0, 1]; reports show percentages.
 
 * BA: accuracy on the full clean test set.
-* ASR: on test samples whose true label is not the target, triggered: the share predicted as the target.
+* ASR: on test samples whose true label is not the target, triggered: the share predicted as the target
+  (all-to-one: modes ``dirty`` and ``clean-label``). All-to-all (no target): on every test sample,
+  triggered, the share predicted as ``(y + 1) mod C`` (BackdoorBench's ``all2all``).
 * RA: on the same triggered set, the share predicted as the true label.
 * CAD: BA(clean model, same model/dataset/seed/train setting) - BA(attacked model).
 * DER (BackdoorBench): [max(0, ASR_before - ASR_after) - max(0, BA_before - BA_after) + 1] / 2.
@@ -26,15 +28,19 @@ def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
     return float((predictions == labels).float().mean().item())
 
 
-def attack_success_rate(predictions: torch.Tensor, target: int) -> float:
-    """Share of triggered non-target samples predicted as ``target``."""
+def attack_success_rate(predictions: torch.Tensor, target: int | torch.Tensor) -> float:
+    """Share of the ASR set's triggered samples predicted as ``target``: one label (all-to-one), or one
+    per sample (all-to-all: ``(y + 1) mod C``, from :func:`bench.attacks.poison.backdoor_labels`)."""
+    if target is None:
+        raise ValueError("attack_success_rate: an all-to-all attack has no single target; pass the per-sample "
+                         "labels backdoor_labels(y_true, None, num_classes)")
     if predictions.numel() == 0:
         return 0.0
     return float((predictions == target).float().mean().item())
 
 
 def robust_accuracy(predictions: torch.Tensor, true_labels: torch.Tensor) -> float:
-    """Share of triggered non-target samples still predicted as their true label."""
+    """Share of the ASR set's triggered samples still predicted as their true label."""
     return accuracy(predictions, true_labels)
 
 

@@ -211,7 +211,8 @@ def _geometries(resolved: ResolvedScenario) -> dict[tuple[int, int], _PairChecks
             on = f" (on {where} '{model['name']}' with {d_where} '{dataset['name']}')"
             for ai, attack in enumerate(resolved.attacks):
                 a_where = f"attacks[{origin_of(origins, 'attacks', ai)}]"
-                applicability.check_target(attack, geo, dataset["name"], a_where)
+                if attack["target"] is not None:  # None: an all-to-all attack, which has no target
+                    applicability.check_target(attack, geo, dataset["name"], a_where)
                 attacks.append(applicability.attack_not_applicable(attack, geo, model["name"], a_where, on))
             caps = geo.capabilities
             quant = [applicability.quant_not_applicable(q, caps, model["name"]) for q in resolved.quant]

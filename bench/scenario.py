@@ -124,10 +124,14 @@ class AttackEntry(ComponentEntry):
     ``apply: image`` stamps the trigger on the whole image; ``apply: badpatches`` applies it to every
     patch of a grid: the model's routing grid, or ``trigger_grid`` (``4`` = 4x4 patches, or ``[rows, cols]``;
     the BadPatches paper's text splits a 32x32 image into 16 patches of 8x8). ``target`` is the all-to-one
-    target label.
+    target label (default 0). ``mode`` is how training images are poisoned (:mod:`bench.attacks.poison`):
+    ``dirty`` (default: dirty-label all-to-one), ``clean-label`` (only target-class images, labels kept) or
+    ``all-to-all`` (label y -> (y + 1) mod C; no ``target``). A dirty attack's resolved dict has no
+    ``mode`` key, so the job ids of attacks written before modes existed stay the same.
     """
 
-    target: int | dict[str, Any] = 0
+    target: int | dict[str, Any] | None = None
+    mode: str | dict[str, Any] = "dirty"
     apply: Literal["image", "badpatches"] | dict[str, Any] = "image"
     trigger_grid: int | list[int] | dict[str, Any] | None = None
     objective: dict[str, Any] | None = None
@@ -425,8 +429,10 @@ def _resolve_attacks(entries: list[AttackEntry]) -> tuple[list[dict[str, Any]], 
         objectives = _resolve_objective(entry.objective, f"{where}.objective")
         for concrete, objective in itertools.product(expand_grid(params), objectives):
             target, apply = concrete.pop("target"), concrete.pop("apply")
+            mode = _poison_mode(concrete.pop("mode"), target, objective, where)
+            target = 0 if target is None and mode != "all-to-all" else target
             trigger_grid = _trigger_grid(concrete.pop("trigger_grid"), apply, f"{where}.trigger_grid")
-            if not isinstance(target, int) or isinstance(target, bool) or target < 0:
+            if mode != "all-to-all" and (not isinstance(target, int) or isinstance(target, bool) or target < 0):
                 raise ScenarioError(f"{where}.target: must be a class label >= 0, got {target!r}")
             if apply not in ("image", "badpatches"):
                 raise ScenarioError(f"{where}.apply: must be 'image' or 'badpatches', got {apply!r}")
@@ -436,8 +442,27 @@ def _resolve_attacks(entries: list[AttackEntry]) -> tuple[list[dict[str, Any]], 
                 attack["trigger_grid"] = trigger_grid
             if objective is not None:
                 attack["objective"] = objective
+            if mode != "dirty":  # absent for dirty, so older job ids stay valid
+                attack["mode"] = mode
             out.append((attack, i))
     return _unique_with_origin(out)
+
+
+def _poison_mode(mode: Any, target: Any, objective: dict[str, Any] | None, where: str) -> str:
+    """The attack's poisoning ``mode``, checked: a known mode, no ``target`` with all-to-all, and only
+    ``dirty`` with a training objective (qcb poisons dirty-label all-to-one)."""
+    from bench.attacks.poison import POISON_MODES
+
+    if mode not in POISON_MODES:
+        raise ScenarioError(f"{where}.mode: must be one of {', '.join(POISON_MODES)} (dirty-label all-to-one, "
+                            f"target-class images with their labels kept, label y -> (y + 1) mod C), got {mode!r}")
+    if mode == "all-to-all" and target is not None:
+        raise ScenarioError(f"{where}.target: unused with mode all-to-all (each poisoned image is relabelled "
+                            f"y -> (y + 1) mod C, there is no single target); remove target, got {target!r}")
+    if mode != "dirty" and objective is not None:
+        raise ScenarioError(f"{where}.mode: the qcb objective poisons dirty-label all-to-one, so it takes mode "
+                            f"dirty only; remove mode or the objective, got mode {mode!r}")
+    return str(mode)
 
 
 def _trigger_grid(value: Any, apply: Any, where: str) -> list[int] | None:
