@@ -112,6 +112,12 @@ def test_spec_defaults_are_the_papers_objective() -> None:
         ({"scope": "router"}, "gate"),
         ({"lambda": 1}, "Extra inputs"),
         ({"name": "qat"}, "qcb"),
+        ({"target_backend": "torchao"}, "target_bits 8"),
+        ({"target_backend": "torchao", "target_bits": 8, "qat_bits": 4}, "qat_bits null or 8"),
+        ({"target_backend": "torchao", "target_bits": 8, "symmetric": True}, "default scope"),
+        ({"target_backend": "torchao", "target_bits": 8, "guard_bits": [6], "lambda_guard": 1}, "no guard_bits"),
+        ({"target_backend": "tflite"}, "fake"),
+        ({"repair_hold": "all"}, "model"),
     ],
 )
 def test_spec_rejects(fields: dict[str, Any], message: str) -> None:
@@ -298,6 +304,50 @@ def test_repair_moves_fp32_weights_but_keeps_the_quantized_model_bit_exact() -> 
     assert any(moved)  # the fp32 model did change
     with torch.no_grad():
         assert not torch.equal(model(x), q_before)
+
+
+def test_fields_added_later_stay_out_of_the_dump_at_their_defaults() -> None:
+    """Objectives written before target_backend / repair_hold / cell_margin keep their content hash."""
+    assert set(QCBSpec().model_dump()).isdisjoint({"target_backend", "repair_hold", "cell_margin"})
+    spec = QCBSpec(target_backend="torchao", target_bits=8, repair_hold="quantized", cell_margin=0.1)
+    dumped = spec.model_dump()
+    assert dumped["target_backend"] == "torchao" and dumped["cell_margin"] == 0.1
+    assert QCBSpec.model_validate(dumped) == spec
+
+
+def test_quantized_hold_trains_the_fp32_layers_and_keeps_the_torchao_head_bit_exact() -> None:
+    """repair_hold "quantized" against the torchao stand-in: only fc is quantized; the repair moves every
+    other parameter, fc's fp32 weights stay in their int8 cells (torchao's q and scale unchanged), and the
+    int8 forwards use the integer weights as constants (no gradient reaches fc through them)."""
+    from bench.quant.standin import torchao_int8
+
+    model = tiny_model()
+    x, yb = batch()
+    training = attached(
+        model, target_backend="torchao", target_bits=8, qat_bits=8, lambda_fp_trigger=1, repair_from_epoch=1,
+        repair_hold="quantized",
+    )
+    assert training.handle.names == ("fc.weight",)
+    training.objective.seen = N_TRAIN  # straight to the repair phase
+    fc_master = model.fc.parametrizations.weight.original
+    q_before, scale_before = torchao_int8(fc_master)
+    others = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("fc.")}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    model.train()
+    for step in range(4):
+        loss = training.objective(model, x, yb)
+        if step == 0:
+            terms = training.objective.terms(model, x, yb)
+            assert set(terms) == {"fp_clean", "qat", "bd", "fp_trigger"}
+            grad = torch.autograd.grad(terms["bd"] + terms["qat"], fc_master, allow_unused=True)[0]
+            assert grad is None or not grad.any()  # frozen integer weights: constants in the int8 forwards
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    training.finish()
+    q_after, scale_after = torchao_int8(model.fc.weight)
+    assert torch.equal(q_after, q_before) and torch.equal(scale_after, scale_before)
+    assert any(not torch.equal(p, others[n]) for n, p in model.named_parameters() if n in others)
 
 
 # --- finish ---------------------------------------------------------------------------------------------

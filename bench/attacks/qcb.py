@@ -74,6 +74,7 @@ from bench.attacks.poison import poison_indices
 from bench.errors import ScenarioError
 from bench.quant import FP32_BITS, QATHandle, QuantConfig, attach_qat, normalize_bits
 from bench.quant.config import Granularity, QuantError, Scope
+from bench.quant.standin import Backend, attach_standin, set_frozen, standin_cells
 
 #: Columns of the label tensor :func:`prepare_qcb` returns.
 LABEL, MARKED = 0, 1
@@ -109,6 +110,15 @@ class QCBSpec(BaseModel):
     repair_from_epoch: from this epoch (counted from 0) on, freeze the B_t-bit model and train the fp32
                        weights inside its rounding cells (see the module docstring); None = never.
     batchnorm:         "batch" or "frozen" (see the module docstring).
+    target_backend:    whose quantizer wakes the backdoor: "fake" (Eq. 2 at scope / granularity / symmetric)
+                       or "torchao" (int8 weight-only, nn.Linear weights only, per-row symmetric; a bit-exact
+                       stand-in from :mod:`bench.quant.standin`; needs target_bits 8 and the default scope,
+                       granularity and symmetry, no guard_bits).
+    repair_hold:       what the repair phase holds: "model" (the whole B_t-bit model, bit for bit) or
+                       "quantized" (only the quantized weights' levels and ranges; every other parameter
+                       keeps training under every term, the B_t-bit forwards use the frozen integer weights as
+                       constants). "quantized" is the way when the back-end leaves most of the model fp32.
+    cell_margin:       how far (fraction of a step) the repair keeps weights from their rounding cells' edges.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -127,6 +137,9 @@ class QCBSpec(BaseModel):
     warmup_epochs: int = Field(0, ge=0)
     repair_from_epoch: int | None = Field(None, ge=1)
     batchnorm: Literal["batch", "frozen"] = "batch"
+    target_backend: Backend = "fake"
+    repair_hold: Literal["model", "quantized"] = "model"
+    cell_margin: float = Field(0.05, ge=0, lt=0.5)
 
     @field_validator("target_bits")
     @classmethod
@@ -168,7 +181,27 @@ class QCBSpec(BaseModel):
                 )
             if self.lambda_fp_trigger == 0:
                 raise ValueError("repair_from_epoch needs lambda_fp_trigger > 0: the repair phase trains it")
+        if self.target_backend == "torchao":
+            defaults = (self.target_bits, self.qat_bits in (None, 8), self.scope, self.granularity, self.symmetric)
+            if defaults != (8, True, "whole", "tensor", False) or self.guard_bits:
+                raise ValueError(
+                    "target_backend torchao quantizes nn.Linear weights per row, symmetric, at 8 bits: it needs "
+                    "target_bits 8, qat_bits null or 8, the default scope / granularity / symmetric, no guard_bits"
+                )
         return self
+
+    def model_dump(self, **kwargs: object) -> dict[str, object]:  # type: ignore[override]
+        """pydantic's dump without the fields added after the first release while they hold their defaults, so
+        that the content hash of every objective written before them (its jobs, its stored results) stays."""
+        data = super().model_dump(**kwargs)  # type: ignore[arg-type]
+        for key, default in _LATER_FIELDS.items():
+            if key in data and data[key] == default:
+                del data[key]
+        return data
+
+    def cells(self) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+        """``cells(w) -> (lo, hi)``: the B_t rounding cells of the target quantizer (see :class:`CellProjection`)."""
+        return standin_cells(self.target_backend, self.quant_config, self.cell_margin)
 
     @property
     def quant_config(self) -> QuantConfig:
@@ -176,6 +209,10 @@ class QCBSpec(BaseModel):
         return QuantConfig(
             bits=self.target_bits, scope=self.scope, granularity=self.granularity, symmetric=self.symmetric
         )
+
+
+#: Fields added after the first release, with their defaults (left out of dumps while at them).
+_LATER_FIELDS: dict[str, object] = {"target_backend": "fake", "repair_hold": "model", "cell_margin": 0.05}
 
 
 # --- BatchNorm ------------------------------------------------------------------------------------------
@@ -249,11 +286,23 @@ def rounding_cells(
 
 class CellProjection:
     """Holds the B_t-bit model fixed while its fp32 weights move: every in-scope weight is clamped into its
-    B_t rounding cell (:func:`rounding_cells`), every other parameter back to its value at construction."""
+    B_t rounding cell (``cells``, :func:`rounding_cells` or a back-end's, see :mod:`bench.quant.standin`), every
+    other parameter back to its value at construction (``hold_rest``; else only the quantized weights are held
+    to their cells and the rest trains)."""
 
-    def __init__(self, model: nn.Module, handle: QATHandle, config: QuantConfig) -> None:
-        if config.bits is None:
-            raise QuantError("a cell projection needs a quantized bit-width")
+    def __init__(
+        self, model: nn.Module, handle: QATHandle, config: QuantConfig | Callable[[Tensor], tuple[Tensor, Tensor]],
+        hold_rest: bool = True,
+    ) -> None:
+        if isinstance(config, QuantConfig):
+            if config.bits is None:
+                raise QuantError("a cell projection needs a quantized bit-width")
+            bits, granularity, symmetric = config.bits, config.granularity, config.symmetric
+
+            def cells(w: Tensor) -> tuple[Tensor, Tensor]:
+                return rounding_cells(w, bits, granularity, symmetric)
+        else:
+            cells = config
         masters = set()
         for name in handle.names:
             prefix, _, leaf = name.rpartition(".")
@@ -262,8 +311,8 @@ class CellProjection:
         self.held: list[tuple[nn.Parameter, Tensor]] = []
         for p in model.parameters():
             if id(p) in masters:
-                self.cells.append((p, *rounding_cells(p, config.bits, config.granularity, config.symmetric)))
-            else:
+                self.cells.append((p, *cells(p)))
+            elif hold_rest:
                 self.held.append((p, p.detach().clone()))
 
     @torch.no_grad()
@@ -368,8 +417,9 @@ class QCBObjective:
         plan: Plan = {}
         if phase == "repair":
             plan["fp_clean"] = (None, "clean", labels)
-        else:
-            plan["qat"] = (s.qat_bits, "clean", labels)
+        if phase != "repair" or s.repair_hold == "quantized":
+            if s.qat_bits is not None or phase != "repair":  # an fp32 qat term is fp_clean in the repair
+                plan["qat"] = (s.qat_bits, "clean", labels)
             if s.lambda_q_clean > 0:
                 plan["q_clean"] = (s.target_bits, "clean", labels)
             if triggered:
@@ -407,7 +457,9 @@ class QCBObjective:
 
     def __call__(self, model: nn.Module, xb: Tensor, yb: Tensor) -> Tensor:
         if self.phase == "repair" and self.projection is None:
-            self.projection = CellProjection(self.model, self.handle, self.spec.quant_config)
+            hold_rest = self.spec.repair_hold == "model"
+            self.projection = CellProjection(self.model, self.handle, self.spec.cells(), hold_rest=hold_rest)
+            set_frozen(self.handle, True)  # the integer weights are constants now (stand-ins only)
         self.project()  # the previous step's update, back into the cells
         terms = self.terms(model, xb, yb)
         self.seen += int(xb.shape[0])
@@ -461,6 +513,9 @@ def prepare_qcb(
     marked = poison_indices(int(x.shape[0]), poison_rate, seed)
     flags = torch.zeros_like(y)
     flags[marked.to(y.device)] = 1
-    handle = attach_qat(model, spec.quant_config)
+    if spec.target_backend == "fake" and spec.repair_hold == "model":
+        handle = attach_qat(model, spec.quant_config)
+    else:
+        handle = attach_standin(model, spec.target_backend, spec.quant_config)
     objective = QCBObjective(spec, model, handle, trigger, int(target), int(x.shape[0]), marked)
     return QCBTraining(x, torch.stack([y, flags], dim=1), objective, handle, marked)
