@@ -218,16 +218,17 @@ def run(
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/quickstart.")],
+    run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/quickstart, or its scenario file.")],
     fmt: Annotated[str, typer.Option("--format", help="md, csv or json.")] = "md",
     out_path: Annotated[Path | None, typer.Option("--out", help="Write to this file instead of stdout.")] = None,
+    runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
     """Render the leaderboard of a finished (or partial) run again."""
     if fmt not in ("md", "csv", "json"):
         err.print(f"[bold red]error:[/] --format: must be md, csv or json, got {fmt!r}")
         raise typer.Exit(2)
     try:
-        store = runner.open_run(run_dir)
+        store = runner.open_run(run_dir, runs_dir)
         # pictures are linked relative to the file written (absolute on stdout, which has no folder)
         text = runner.render(store, fmt, relative_to=out_path.parent.resolve() if out_path is not None else None,
                              picture_dir=out_path.parent / out_path.stem if out_path is not None else None)
@@ -261,7 +262,7 @@ def show_triggers(
 
 @app.command("plugins")
 def list_plugins(
-    kind: Annotated[str | None, typer.Option(help="model, dataset, trigger or defense.")] = None,
+    kind: Annotated[str | None, typer.Option(help="model, dataset, trigger (or attack) or defense.")] = None,
     pattern: Annotated[str, typer.Argument(help="Glob on the component name.")] = "*",
     plugins: PluginsOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the components as JSON instead of a table.")] = False,
@@ -271,6 +272,7 @@ def list_plugins(
     from bench.registry import KINDS, REGISTRY
 
     try:
+        kind = "trigger" if kind == "attack" else kind  # scenarios say attacks:, the registry trigger
         if kind is not None and kind not in KINDS:
             raise BenchError(f"--kind: must be one of {', '.join(KINDS)}, got {kind!r}")
         load_plugins(plugins or [])

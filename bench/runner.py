@@ -372,6 +372,18 @@ def write_report(store: Store, out: Path, fmt: str = "md") -> Path:
     return out
 
 
-def open_run(path: str | Path) -> Store:
-    """Open ``runs/<name>`` for reporting."""
-    return open_existing(path)
+def run_folder(path: str | Path, runs_dir: str | Path = "runs") -> Path:
+    """The store of ``path``: ``path`` itself, or for a scenario file (``.yaml`` / ``.yml``) the store its
+    ``bench run`` writes, ``<runs_dir>/<name>``."""
+    path = Path(path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        name = scenarios.read_yaml(path).get("name")
+        if not isinstance(name, str) or not name:
+            raise ScenarioError(f"{path}: name: the scenario has no name, so it has no run folder")
+        return store_dir(runs_dir, name)
+    return path
+
+
+def open_run(path: str | Path, runs_dir: str | Path = "runs") -> Store:
+    """Open a finished or partial run for reporting: its folder (``runs/<name>``) or its scenario file."""
+    return open_existing(run_folder(path, runs_dir))

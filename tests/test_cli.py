@@ -204,3 +204,16 @@ def test_plugins_json_lists_components_with_their_parameters():
     size = next(p for p in badnets["parameters"] if p["name"] == "size")
     assert size["required"] is False and isinstance(size["default"], int)
     assert {c["kind"] for c in components} == {"trigger"}
+
+
+def test_report_and_plugins_accept_the_names_users_use(write_scenario, tmp_path):
+    path = write_scenario(tiny_scenario(attacks=[]), "tiny.yaml")
+    runner = CliRunner()
+    runs = str(tmp_path / "runs")
+    assert runner.invoke(app, ["run", str(path), "--runs-dir", runs, "--reports-dir", str(tmp_path)]).exit_code == 0
+    by_folder = runner.invoke(app, ["report", str(tmp_path / "runs" / "tiny"), "--format", "json"])
+    by_file = runner.invoke(app, ["report", str(path), "--runs-dir", runs, "--format", "json"])
+    assert by_file.exit_code == 0, by_file.output
+    assert json.loads(by_file.stdout)["rows"] == json.loads(by_folder.stdout)["rows"]
+    attacks = runner.invoke(app, ["plugins", "--kind", "attack", "--json"])
+    assert {c["kind"] for c in json.loads(attacks.stdout)} == {"trigger"}

@@ -33,7 +33,7 @@ ROWS = (
 
 
 def analyze(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/quickstart.")],
+    run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/quickstart, or its scenario file.")],
     images: Annotated[int, typer.Option("--images", help="Test images drawn in the selection maps.")] = 4,
     image_seed: Annotated[int, typer.Option("--image-seed", help="Seed that picks those images.")] = 0,
     attack: Annotated[str | None, typer.Option(help="Only this attack (trigger name), e.g. badnets.")] = None,

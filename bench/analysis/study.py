@@ -70,7 +70,9 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None,
         raise BenchError(f"--test-images: must be at least 1, got {opts.test_images}")
     if opts.batch_size < 1:
         raise BenchError(f"--batch-size: must be at least 1, got {opts.batch_size}")
-    store = open_existing(run_dir)
+    from bench.runner import run_folder
+
+    store = open_existing(run_folder(run_dir))
     cells = store.get_meta("cells")
     if not cells:
         raise BenchError(f"{run_dir}: this store holds no plan yet; run `bench run SCENARIO` first")
