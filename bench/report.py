@@ -308,9 +308,9 @@ def component_label(spec: dict[str, Any] | None, varying: set[str]) -> str:
     if spec is None:
         return "clean"
     flat = _flat(spec)
-    name = spec["name"] + ("+qcb" if spec.get("objective") else "")
+    name = spec["name"] + ("+qcb" if spec.get("objective") else "") + (f" [{spec['mode']}]" if spec.get("mode") else "")
     extras = [f"{k.removeprefix('objective.')}={flat[k]}" for k in sorted(varying)
-              if k in flat and k not in ("name", "objective.name")]
+              if k in flat and k not in ("name", "objective.name", "mode")]
     return name + (f" ({', '.join(extras)})" if extras else "")
 
 
@@ -702,7 +702,8 @@ def to_markdown(rows: list[Row], meta: dict[str, Any], pictures: list[str] | Non
         "Values are percentages, mean ± sample std over seeds (n = seeds with a result; the seeds are named "
         "where a line's columns average different ones). Failed and not-applicable cells show as such and "
         "enter no mean. "
-        "BA: clean test accuracy. ASR: triggered non-target test images classified as the target. "
+        "BA: clean test accuracy. ASR: triggered non-target test images classified as the target (an "
+        "all-to-all attack: every triggered test image, counted when classified as (y + 1) mod C). "
         "CAD: BA of the clean model (same model, data, seed) minus BA of the attacked one, never against a "
         "clean model at chance. "
         "RA: triggered non-target images still classified correctly. Trigger routed: triggered images on "

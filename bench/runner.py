@@ -87,13 +87,33 @@ def check_data(prepared: Prepared, dataset_of: DatasetOf) -> None:
         data = dataset_of(dataset)
         _check_declared(dataset, data)
         for i, attack in enumerate(prepared.resolved.attacks):
-            if attack["target"] >= data.num_classes:
+            if attack["target"] is not None and attack["target"] >= data.num_classes:  # None: all-to-all
                 entry = planning.origin_of(prepared.resolved.origins, "attacks", i)
                 raise ScenarioError(
                     f"{prepared.resolved.source}: attacks[{entry}].target: "
                     f"{attack['target']} is not a class of dataset '{dataset['name']}' "
                     f"(valid: 0..{data.num_classes - 1})"
                 )
+            if attack.get("mode") == "clean-label":
+                _check_clean_label(prepared, dataset["name"], data, i, attack["target"])
+
+
+def _check_clean_label(prepared: Prepared, dataset: str, data: TensorData, i: int, target: int) -> None:
+    """Clean-label poisoning draws only target-class images: every poison rate must find enough of them
+    (checked before any training, so no run stops half-way on it)."""
+    from bench.attacks.poison import poison_count
+
+    n = len(data.train_y)
+    available = int((data.train_y == target).sum())
+    for rate in prepared.resolved.scenario.poison_rates:
+        if poison_count(n, rate) > available:
+            entry = planning.origin_of(prepared.resolved.origins, "attacks", i)
+            raise ScenarioError(
+                f"{prepared.resolved.source}: poison_rates: {rate:g} asks for {poison_count(n, rate)} of the {n} "
+                f"training images of '{dataset}', but attacks[{entry}] (mode clean-label) can poison only the "
+                f"{available} images of class {target}; use a rate of at most {available / n:.4g}, another "
+                "target, or mode dirty"
+            )
 
 
 def _check_declared(dataset: dict[str, Any], data: TensorData) -> None:

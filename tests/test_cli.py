@@ -217,3 +217,13 @@ def test_report_and_plugins_accept_the_names_users_use(write_scenario, tmp_path)
     assert json.loads(by_file.stdout)["rows"] == json.loads(by_folder.stdout)["rows"]
     attacks = runner.invoke(app, ["plugins", "--kind", "attack", "--json"])
     assert {c["kind"] for c in json.loads(attacks.stdout)} == {"trigger"}
+
+
+def test_clean_label_rate_beyond_the_target_class_is_refused_before_training(write_scenario, tmp_path):
+    attack = {"name": "badnets", "size": 2, "position": "top-left", "target": 0, "mode": "clean-label"}
+    path = write_scenario(tiny_scenario(attacks=[attack], poison_rates=[0.5]))
+    result = CliRunner().invoke(app, ["run", str(path), "--runs-dir", str(tmp_path / "runs"),
+                                      "--reports-dir", str(tmp_path / "reports")])
+    assert result.exit_code == 2, result.output
+    assert "poison_rates: 0.5" in result.output and "attacks[0] (mode clean-label)" in result.output
+    assert not list((tmp_path / "runs").rglob("*.pt"))  # nothing trained

@@ -234,9 +234,6 @@ def test_cli_clean_label_sig_on_digits(write_scenario, tmp_path, one_thread) -> 
     assert 0.0 <= ev["asr"] <= 1.0 and ev["ba"] > 0.3
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "bench/runner.py check_data compares attack['target'] (None for all-to-all) with the class count; it needs "
-    "`if attack['target'] is not None and ...` (see the all-to-all hand-over). Remove this mark once it has it."))
 def test_cli_all_to_all_badnets_on_digits(write_scenario, tmp_path, one_thread) -> None:
     store = _run(write_scenario, tmp_path, tiny_scenario(
         name="alltoall", attacks=[{"name": "badnets", "size": 2, "position": "top-left", "mode": "all-to-all"}]))

@@ -25,7 +25,7 @@ from bench.analysis.routing import (
     patch_touch_mask,
     selection_masks,
 )
-from bench.attacks.poison import triggered_test_set
+from bench.attacks.poison import asr_mask, triggered_test_set
 from bench.errors import BenchError, StoreError
 from bench.jobs import JobContext, build_trigger
 from bench.store import Store, open_existing
@@ -158,7 +158,7 @@ def _image_sets(
     triggered, _ = triggered_test_set(test_x, test_y, trigger, target)
     if len(triggered) == 0:
         raise StoreError(f"{group.title}: no test image outside the target class {target} to trigger")
-    return test_x[test_y != target], triggered, trigger
+    return test_x[asr_mask(test_y, target)], triggered, trigger
 
 
 def _draw(
