@@ -1,12 +1,17 @@
-"""Built-in defenses; importing this package registers them.
+"""Built-in defenses; importing this package registers them (every module of the package is imported, so a
+new built-in defense is one new file with ``@register_defense``).
 
 Every defense maps an attacked model and the defender's clean data to named stages
 (:mod:`bench.defenses.base`): ``fine-pruning``, ``pruning``, ``fine-tuning`` (Liu et al. 2018, as the
-BadPatches paper applies it), ``expert-pruning`` (MoE-specific), ``neural-cleanse`` (Wang et al. 2019)
-and ``strip`` (Gao et al. 2019).
+BadPatches paper applies it), ``expert-pruning`` (MoE-specific), ``neural-cleanse`` (Wang et al. 2019),
+``strip`` (Gao et al. 2019), and against dormant (quantization-conditioned) backdoors ``efrap`` (Li et al.
+2024) and ``quant-audit``. ``bench plugins --kind defense`` lists them all.
 """
 
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from bench.defenses.base import Defense, DefenseContext, DefenseStage, snapshot
 from bench.defenses.efrap import Efrap
@@ -44,3 +49,6 @@ __all__ = [
     "snapshot",
     "strip_entropy",
 ]
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
