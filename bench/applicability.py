@@ -156,10 +156,15 @@ def _backend_not_applicable(quant: dict[str, Any]) -> str | None:
 
 
 def defense_not_applicable(defense: dict[str, Any], capabilities: frozenset[str], model_name: str) -> str | None:
-    """Why a defense cannot apply to this model, from its declared requirements."""
+    """Why a defense cannot apply to this model, from its declared requirements and, for a defense that
+    quantizes (EFRAP), its ``scope`` parameter as quantization scopes read it."""
     for need in sorted(_requires(REGISTRY.get("defense", defense["name"]).factory)):
         if need not in capabilities:
             return f"defense '{defense['name']}' needs a model with {need} ('{model_name}' has none)"
+    scope = defense.get("scope")
+    if scope in ("gate", "experts") and scope not in capabilities:
+        return (f"defense '{defense['name']}' with scope '{scope}' needs a model with {scope} parameters "
+                f"('{model_name}' has none)")
     return None
 
 

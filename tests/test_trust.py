@@ -97,6 +97,10 @@ def test_declared_requirements_decide_applicability() -> None:
     assert quant_not_applicable({"label": "int4/whole", "scope": "whole"}, dense, "dense") is None
     assert defense_not_applicable({"name": "fine-tuning"}, dense, "dense") is None
     assert "needs a model with experts" in str(defense_not_applicable({"name": "expert-pruning"}, dense, "dense"))
+    # a defense that quantizes one scope (EFRAP) applies where quantizing that scope does
+    assert "scope 'gate'" in str(defense_not_applicable({"name": "efrap", "scope": "gate"}, dense, "dense"))
+    assert defense_not_applicable({"name": "efrap", "scope": "gate"}, moe, "pmoe") is None
+    assert defense_not_applicable({"name": "efrap", "scope": "whole"}, dense, "dense") is None
 
 
 # -- divergence ---------------------------------------------------------------------------------------
