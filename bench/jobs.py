@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +23,9 @@ from bench.quant import QuantConfig, attach_qat, quantized
 from bench.registry import REGISTRY
 from bench.store import Store
 from bench.train import EpochCallback, cross_entropy, fit
+
+if TYPE_CHECKING:
+    from bench.defenses.base import PoisonedData
 
 
 @dataclass
@@ -179,28 +182,48 @@ def run_evaluate(spec: dict[str, Any], deps: tuple[str, ...], ctx: JobContext) -
 
 
 def run_defend(spec: dict[str, Any], deps: tuple[str, ...], ctx: JobContext) -> JobOutput:
-    """Apply a defense to a stored attacked model (never retraining the attack); keep every stage."""
-    from bench.defenses.base import DefenseContext
+    """Apply a defense to a stored attacked model (never retraining the attack); keep every stage.
+
+    The defense gets what its threat model (``sees``) names and nothing else: the attacked model's weights
+    (``model``; else a fresh model initialised as the attacked one was), the defender's clean share
+    (``clean``) and the poisoned training set, rebuilt exactly as the attacked model was trained on it
+    (``poisoned``; not applicable to qcb-objective attacks, whose training data is no poisoned set)."""
+    from bench.defenses.base import DEFAULT_SEES, DefenseContext, check_sees, sees_label
 
     data = ctx.dataset(spec["dataset"])
     model = build_model(spec["model"], data).to(ctx.device)
     model.load_state_dict(ctx.store.load_state(deps[0]))
     params = {k: v for k, v in spec["defense"].items() if k != "name"}
-    defense = REGISTRY.get("defense", spec["defense"]["name"]).create(**params)
+    name = spec["defense"]["name"]
+    defense = REGISTRY.get("defense", name).create(**params)
+    sees = check_sees(name, getattr(defense, "sees", DEFAULT_SEES))
     reason = applicability.defense_not_applicable(spec["defense"], applicability.model_capabilities(model),
                                                   spec["model"]["name"])
+    attack = spec["attack"]
+    if reason is None and "poisoned" in sees and attack is not None and attack.get("objective"):
+        reason = (f"defense '{name}' inspects or trains on the poisoned training set, and a qcb-objective attack "
+                  "trains on clean data with its own loss (prepare_qcb), not on a poisoned set")
     if reason is not None:  # the run-time fallback of the planner's check (data sets without declared shape)
         return JobOutput({"not_applicable": reason})
-    clean_x, clean_y = defender_data(data, params.get("budget", 0.05), spec["seed"])
-    attack = spec["attack"]
+
+    def fresh_model() -> BenchModel:
+        torch.manual_seed(spec["seed"])  # as run_train initialises the attacked model
+        return build_model(spec["model"], data).to(ctx.device)
+
+    trigger = build_trigger(attack, model) if attack else None
+    if "model" not in sees:
+        model = fresh_model()
+    clean_x, clean_y = defender_data(data, params.get("budget", 0.05) if "clean" in sees else 0.0, spec["seed"])
     augment = data.augment if spec["train"]["augment"] == "auto" else spec["train"]["augment"]
     dctx = DefenseContext(
         clean_x=clean_x, clean_y=clean_y, train_cfg=spec["train"], seed=spec["seed"],
         num_classes=data.num_classes, augment=augment, on_epoch=ctx.on_epoch,
-        trigger=build_trigger(attack, model) if attack else None, target=attack["target"] if attack else None,
-        test_x=data.test_x, test_y=data.test_y,
+        trigger=trigger, target=attack["target"] if attack else None,
+        test_x=data.test_x, test_y=data.test_y, defense=name, sees=sees,
+        poisoned=poisoned_training_data(spec, data, trigger) if "poisoned" in sees else None,
+        fresh_model=fresh_model,
     )
-    out = JobOutput({"n_defender": int(len(clean_y))})
+    out = JobOutput({"n_defender": int(len(clean_y)), "sees": sees_label(sees)})
     for stage in defense.run(model, dctx):
         out.metrics[stage.name] = stage.metrics
         if stage.state is not None:
@@ -208,9 +231,26 @@ def run_defend(spec: dict[str, Any], deps: tuple[str, ...], ctx: JobContext) -> 
     return out
 
 
+def poisoned_training_data(spec: dict[str, Any], data: TensorData, trigger: Trigger | None) -> PoisonedData:
+    """The training set the attacked model of ``spec`` saw, rebuilt with :func:`run_train`'s call (same
+    trigger, target, rate, mode and seed), and the mask of its truly poisoned samples (none for a clean
+    model). Not for qcb-objective attacks (their data comes from ``prepare_qcb``)."""
+    from bench.defenses.base import PoisonedData
+
+    x, y, attack = data.train_x, data.train_y, spec["attack"]
+    truth = torch.zeros(len(y), dtype=torch.bool, device=y.device)
+    if attack is None or trigger is None:
+        return PoisonedData(x, y, truth)
+    poisoned = poison_training_set(x, y, trigger, attack["target"], spec["poison_rate"], spec["seed"],
+                                   mode=attack.get("mode", "dirty"), num_classes=data.num_classes)
+    truth[poisoned.indices.to(y.device)] = True
+    return PoisonedData(poisoned.x, poisoned.y, truth)
+
+
 def defender_data(data: TensorData, budget: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The defender's clean data: a ``budget`` fraction of the clean training set, drawn with ``seed``."""
-    n = max(1, round(budget * len(data.train_y)))
+    """The defender's clean data: a ``budget`` fraction of the clean training set, drawn with ``seed``
+    (none for budget 0: a defense whose threat model holds no clean data)."""
+    n = max(1, round(budget * len(data.train_y))) if budget > 0 else 0
     gen = torch.Generator().manual_seed(10_007 + seed)
     idx = torch.randperm(len(data.train_y), generator=gen)[:n].to(data.train_x.device)
     return data.train_x[idx], data.train_y[idx]
