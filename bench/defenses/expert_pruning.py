@@ -85,6 +85,14 @@ def expert_modules(model: BenchModel) -> list[tuple[str, nn.Conv2d, nn.Module]]:
     return out
 
 
+def expert_silencer(model: BenchModel, expert: int) -> ChannelMask:
+    """The mask that silences ``expert`` where the classifier reads it: its last convolution and its
+    channels of the head BatchNorm are zeroed, so "dropped" means no output, not a constant from the
+    BatchNorm's bias (``.apply()`` zeroes them; :func:`bench.defenses.pruning.hold_pruned` keeps them zero)."""
+    layer = model.prunable_layers()[expert]
+    return layer_mask(layer, torch.arange(layer.conv.out_channels))
+
+
 def reset_expert(module: nn.Module, seed: int) -> None:
     """Re-initialise ``module`` as the model's constructor does, from a generator seeded with ``seed``."""
     cuda = sorted({p.device.index or 0 for p in module.parameters() if p.is_cuda})
@@ -173,10 +181,7 @@ class ExpertPruning(Defense):
         if chosen is not None:
             name, conv, module = experts[chosen]
             if self.action == "drop":
-                # silence the whole expert where the classifier reads it (conv and the head BatchNorm's
-                # channels), so "dropped" means no output, not a constant from the BatchNorm's bias
-                layer = model.prunable_layers()[chosen]
-                hold = [layer_mask(layer, torch.arange(layer.conv.out_channels))]
+                hold = [expert_silencer(model, chosen)]
                 hold[0].apply()
             else:
                 reset_expert(module, ctx.seed * 31 + chosen)
