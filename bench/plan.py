@@ -305,7 +305,7 @@ def _build(resolved: ResolvedScenario, checks: dict[tuple[int, int], _PairChecks
             for quant, own, clean, na in zip(resolved.quant, trained_evals, clean_evals, pair.quant, strict=True):
                 plan.cells.append(Cell(dataset, model, attack, rate, seed, train, train_job if na is None else "",
                                        own, clean, quant, not_applicable=na))
-            if attack is None:
+            if attack is None and not scenario.defend_clean:
                 continue
             for defense, defense_na in zip(resolved.defenses, pair.defenses, strict=True):
                 entry = {"dataset": dataset, "model": model, "attack": attack, "poison_rate": rate, "seed": seed,

@@ -783,7 +783,8 @@ def defense_tables(rows: list[Row]) -> list[str]:
         groups[(r.dataset, r.model, r.train, r.attack, r.poison_rate)].append(r)
     for key, members in groups.items():
         dataset, model, train, attack, rate = key
-        lines += [f"### {_group_title(dataset, model, train)} · {attack} at {_pct(rate)}", ""]
+        what = f"{attack} at {_pct(rate)}" if rate is not None else f"{attack} model (no attack)"
+        lines += [f"### {_group_title(dataset, model, train)} · {what}", ""]
         foot = Footnotes()
         ref = before.get(key)
         table = [["before defense", cell_text(ref, "ba"), cell_text(ref, "asr"), "-",
@@ -794,7 +795,8 @@ def defense_tables(rows: list[Row]) -> list[str]:
         if not any(t[-1] for t in table):
             headers, table = headers[:-1], [t[:-1] for t in table]
         lines += [_grid(table, headers), ""] + foot.lines()
-    ranked = sorted(defended, key=lambda r: (r.dataset, r.model, natural(r.train), r.attack,
+    ranked = sorted([r for r in defended if r.attack != "clean"],  # DER needs a backdoor to remove
+                    key=lambda r: (r.dataset, r.model, natural(r.train), r.attack,
                                              -(r.der.mean if r.der.n else -1)))
     show_train = any(r.train != "-" for r in ranked)
     table = [[r.dataset, r.model] + ([r.train] if show_train else []) + [

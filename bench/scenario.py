@@ -186,6 +186,9 @@ class Scenario(_Strict):
     poison_rates: list[float] = Field(default_factory=list)
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
     defenses: list[ComponentEntry] = Field(default_factory=list)
+    #: Also apply every defense to the clean models: a detector's false alarms (does Neural Cleanse, STRIP or
+    #: the quantization audit flag a model that has no backdoor?) and a repair's cost on a clean model.
+    defend_clean: bool = False
     reference: Reference | None = None
     report: ReportSpec = Field(default_factory=ReportSpec)
     plugins: list[str] = Field(default_factory=list)

@@ -1,0 +1,33 @@
+"""``defend_clean: true``: every defense is applied to the clean models too (false alarms, repair cost)."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from bench import plan as planning
+from bench import scenario as sc
+from bench.cli import app
+from tests.conftest import tiny_scenario
+
+DEFENSES = [{"name": "fine-tuning", "epochs": 1}]
+
+
+def test_clean_models_get_defended_only_when_asked():
+    plain = planning.build(sc.resolve(tiny_scenario(defenses=DEFENSES)))
+    both = planning.build(sc.resolve(tiny_scenario(defenses=DEFENSES, defend_clean=True)))
+    defend = lambda p: [j for j in p.jobs if j.kind == "defend"]  # noqa: E731
+    assert [j.spec["attack"] for j in defend(plain)] == [plain.cells[-1].attack]
+    assert len(defend(both)) == 2 and {j.spec["poison_rate"] for j in defend(both)} == {None, 0.1}
+    # the attacked model's defense is the same job either way (nothing reruns when the flag is turned on)
+    assert {j.id for j in defend(plain)} < {j.id for j in defend(both)}
+
+
+def test_report_shows_the_defended_clean_model_outside_the_der_leaderboard(write_scenario, tmp_path):
+    path = write_scenario(tiny_scenario(defenses=DEFENSES, defend_clean=True))
+    result = CliRunner().invoke(app, ["run", str(path), "--runs-dir", str(tmp_path / "runs"),
+                                      "--reports-dir", str(tmp_path / "reports")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = (tmp_path / "reports" / "tiny.md").read_text()
+    assert "· clean model (no attack)" in report
+    board = report.split("### Defense leaderboard (by DER)", 1)[1].split("##", 1)[0]
+    assert "| badnets" in board and "| clean" not in board
