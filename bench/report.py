@@ -766,6 +766,28 @@ def main_table(members: list[Row]) -> list[str]:
 # -- defenses --------------------------------------------------------------------------------------------
 
 
+def threat_model(name: str) -> str | None:
+    """What defense ``name`` sees (its ``sees``: ``model + clean``, ``poisoned``...), None when unknown."""
+    from bench.defenses.base import DEFAULT_SEES, sees_label
+    from bench.errors import BenchError
+    from bench.registry import REGISTRY
+
+    try:
+        return sees_label(frozenset(getattr(REGISTRY.get("defense", name).factory, "sees", DEFAULT_SEES)))
+    except BenchError:
+        return None
+
+
+def threat_legend(sees: dict[str, str | None]) -> list[str]:
+    """One line naming each defense's threat model (what it sees), or nothing."""
+    known = {name: label for name, label in sees.items() if label}
+    if not known:
+        return []
+    return ["Threat models (what each defense sees; model: the attacked model's weights, clean: the defender's "
+            "clean share, poisoned: the attacker's poisoned training set): "
+            + "; ".join(f"{name}: {label}" for name, label in sorted(known.items())) + ".", ""]
+
+
 def defense_tables(rows: list[Row]) -> list[str]:
     """Defenses as the BadPatches paper's Table 3 (BA and ASR before the defense and after each stage,
     per attack and poison rate), then a leaderboard of defenses ranked by mean DER, per attack (fp32)."""
@@ -776,6 +798,8 @@ def defense_tables(rows: list[Row]) -> list[str]:
              "BA and ASR (%) before the defense and after each stage; DER (BackdoorBench) = "
              "[max(0, ASR drop) - max(0, BA drop) + 1] / 2 per seed against the same model before the defense, "
              "1 is best, 0.5 means no effect.", ""]
+    lines += threat_legend({n: threat_model(n) for n in sorted({r.specs["defense"]["name"] for r in defended
+                                                                if r.specs.get("defense")})})
     before = {(r.dataset, r.model, r.train, r.attack, r.poison_rate): r
               for r in rows if r.defense == "-" and r.quant == "fp32"}
     groups: dict[tuple[Any, ...], list[Row]] = defaultdict(list)
@@ -843,7 +867,8 @@ def detections(defenses: list[dict[str, Any]], records: dict[str, JobRecord]) ->
         stages: list[str] = []
         for _, metrics in runs:
             stages += [k for k, v in metrics.items() if isinstance(v, dict) and k not in stages]
-        out += [_detection_entry(key, stage, runs) for stage in stages or ["-"]]
+        sees = threat_model(members[0]["defense"]["name"])
+        out += [{**_detection_entry(key, stage, runs), "sees": sees} for stage in stages or ["-"]]
     return out
 
 
@@ -946,7 +971,8 @@ def detection_table(entries: list[dict[str, Any]]) -> list[str]:
             "What each defense measured on its own terms (detection: flagged class, anomaly index; "
             "STRIP: false rejection / acceptance, AUROC): quantities as mean ± std over the n seeds (NaN values "
             "left out, their n shown), labels such as the flagged class as value ×count (seeds), never averaged.",
-            "", _grid(table, headers), ""] + foot.lines()
+            "", *threat_legend({e["defense"].split(" (")[0]: e.get("sees") for e in entries}),
+            _grid(table, headers), ""] + foot.lines()
 
 
 # -- published values ----------------------------------------------------------------------------------
