@@ -1,4 +1,4 @@
-"""Metric definitions, written once (the field's, as fixed in DESIGN.md, so results compare).
+"""Metric definitions, written once (the field's, fixed here so that results compare across runs and papers).
 
 All rates are fractions in [0, 1]; reports show percentages.
 

@@ -1,7 +1,7 @@
 """The one training loop. Clean, poisoned, QAT and quantization-conditioned training all run here;
 they differ only in the data they are given and the objective (a loss function of model and batch).
 
-Performance stance (DESIGN.md): the whole training set is a device tensor, batches are index slices of
+Performance stance (docs/performance.md): the whole training set is a device tensor, batches are index slices of
 it, augmentation happens on the device, and the loop synchronises with the host once per epoch (to
 report the loss), never per step.
 """
