@@ -17,6 +17,7 @@ from bench.attacks.badnets import BadNets
 from bench.attacks.poison import poison_count, poison_indices
 from bench.attacks.qcb import QCBSpec, QCBTraining, frozen_batchnorm, prepare_qcb, rounding_cells
 from bench.cli import app
+from bench.errors import ScenarioError
 from bench.evaluate import evaluate
 from bench.hostreads import host_reads
 from bench.quant import QuantConfig, fake_quantize, quantized
@@ -348,6 +349,31 @@ def test_quantized_hold_trains_the_fp32_layers_and_keeps_the_torchao_head_bit_ex
     q_after, scale_after = torchao_int8(model.fc.weight)
     assert torch.equal(q_after, q_before) and torch.equal(scale_after, scale_before)
     assert any(not torch.equal(p, others[n]) for n, p in model.named_parameters() if n in others)
+
+
+def test_range_anchor_sets_every_row_s_range_on_a_channel_that_is_always_zero() -> None:
+    """The anchor column is fc's largest weight in every row (torchao's scale = anchor / 127.5), its input is
+    exactly 0 for any image, and a training step leaves it (and its norm parameters) in place."""
+    from bench.quant.standin import torchao_int8
+
+    model = tiny_model()
+    x, yb = batch()
+    training = attached(model, target_backend="torchao", target_bits=8, qat_bits=8, range_anchor=20.0)
+    master = model.fc.parametrizations.weight.original
+    channel = master.shape[1] - 1
+    assert torch.equal(torchao_int8(master)[1].flatten(), torch.full((10,), 20.0 / 127.5))
+    seen = {}
+    hook = model.fc.register_forward_hook(lambda m, i, o: seen.__setitem__("x", i[0]))
+    model.train()
+    loss = training.objective(model, x, yb)
+    assert not seen["x"][:, channel].any()
+    loss.backward()
+    assert not master.grad[:, channel].any()
+    assert not model.head_norm.weight.grad[channel] and not model.head_norm.bias.grad[channel]
+    hook.remove()
+    training.finish()
+    with pytest.raises(ScenarioError, match="range_anchor"):
+        attached(nn.Sequential(nn.Flatten(), nn.Linear(256, 10)), range_anchor=1.0)
 
 
 # --- finish ---------------------------------------------------------------------------------------------

@@ -119,6 +119,14 @@ class QCBSpec(BaseModel):
                        keeps training under every term, the B_t-bit forwards use the frozen integer weights as
                        constants). "quantized" is the way when the back-end leaves most of the model fp32.
     cell_margin:       how far (fraction of a step) the repair keeps weights from their rounding cells' edges.
+    range_anchor:      > 0: before training, silence the classifier's last input channel (its ``head_norm``
+                       weight 0, bias -1, so ReLU gives exactly 0 on every input) and set that column of ``fc`` to
+                       this value. The column never touches an output, at any precision, but it is every row's
+                       largest weight, so a per-row quantizer's step becomes range_anchor / 127.5 (torchao int8)
+                       and the rounding error of every other weight of the row grows with it: the lever a
+                       weight-only back-end leaves when the trigger's features are of ordinary size (see
+                       :func:`plant_range_anchor`). A defender can see it: a dead channel with the head's
+                       largest weights.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -140,6 +148,7 @@ class QCBSpec(BaseModel):
     target_backend: Backend = "fake"
     repair_hold: Literal["model", "quantized"] = "model"
     cell_margin: float = Field(0.05, ge=0, lt=0.5)
+    range_anchor: float = Field(0.0, ge=0)
 
     @field_validator("target_bits")
     @classmethod
@@ -212,7 +221,9 @@ class QCBSpec(BaseModel):
 
 
 #: Fields added after the first release, with their defaults (left out of dumps while at them).
-_LATER_FIELDS: dict[str, object] = {"target_backend": "fake", "repair_hold": "model", "cell_margin": 0.05}
+_LATER_FIELDS: dict[str, object] = {
+    "target_backend": "fake", "repair_hold": "model", "cell_margin": 0.05, "range_anchor": 0.0,
+}
 
 
 # --- BatchNorm ------------------------------------------------------------------------------------------
@@ -321,6 +332,34 @@ class CellProjection:
             p.copy_(torch.minimum(torch.maximum(p, lo), hi))
         for p, value in self.held:
             p.copy_(value)
+
+
+# --- the range anchor ------------------------------------------------------------------------------------
+
+
+def plant_range_anchor(model: nn.Module, value: float) -> int:
+    """Silence the last input channel of the classifier ``fc`` and give its column ``value``; returns the channel.
+
+    Needs ``model.fc`` (nn.Linear) fed by ``relu(model.head_norm(.))`` pooled (pMoE, dense): with the norm's
+    weight 0 and bias -1 the channel is exactly 0 after ReLU for every input, its norm parameters get no
+    gradient (ReLU is flat there), and ``fc``'s column gets none either (its input is 0), so training leaves
+    the anchor in place up to weight decay. Planted before training, it costs the model one of fc's inputs and
+    nothing else: the column adds 0 to every logit, fp32 or quantized.
+    """
+    fc, norm = getattr(model, "fc", None), getattr(model, "head_norm", None)
+    if not isinstance(fc, nn.Linear) or not isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        raise ScenarioError(
+            f"objective.range_anchor: needs a model whose classifier fc (nn.Linear) reads relu(head_norm(.)); "
+            f"{type(model).__name__} has none"
+        )
+    if norm.num_features != fc.in_features or not norm.affine:
+        raise ScenarioError("objective.range_anchor: head_norm must be affine and feed every input of fc")
+    channel = fc.in_features - 1
+    with torch.no_grad():
+        norm.weight[channel] = 0.0
+        norm.bias[channel] = -1.0
+        fc.weight[:, channel] = value
+    return channel
 
 
 # --- the objective --------------------------------------------------------------------------------------
@@ -513,6 +552,8 @@ def prepare_qcb(
     marked = poison_indices(int(x.shape[0]), poison_rate, seed)
     flags = torch.zeros_like(y)
     flags[marked.to(y.device)] = 1
+    if spec.range_anchor > 0:
+        plant_range_anchor(model, spec.range_anchor)
     if spec.target_backend == "fake" and spec.repair_hold == "model":
         handle = attach_qat(model, spec.quant_config)
     else:
