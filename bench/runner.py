@@ -46,20 +46,28 @@ def prepare(path: str | Path, plugins: list[str] | None = None, smoke: bool = Fa
     if not smoke and data_root is None and not overrides:
         resolved = scenarios.load(path, extra_plugins=plugins)
         return _checked(Prepared(resolved, planning.build(resolved)))
+    return prepare_raw(scenarios.read_yaml(path), str(path), path.parent, plugins, smoke, data_root, overrides)
+
+
+def prepare_raw(raw: dict[str, Any], source: str, base_dir: Path, plugins: list[str] | None = None,
+                smoke: bool = False, data_root: str | Path | None = None,
+                overrides: list[str] | None = None) -> Prepared:
+    """:func:`prepare` of a scenario given as a mapping (``source`` names it in messages; relative paths in
+    it are relative to ``base_dir``)."""
     from bench.overrides import apply_overrides, describe
     from bench.plugins import load_plugins
     from bench.smoke import smoke_plan, smoke_scenario, with_data_root
 
-    raw = apply_overrides(scenarios.read_yaml(path), overrides or [])
+    raw = apply_overrides(raw, overrides or [])
     if isinstance(raw.get("plugins"), list):  # toy parameters come from the components, plugins included
-        load_plugins([*raw["plugins"], *(plugins or [])], base_dir=path.parent, source=str(path))
+        load_plugins([*raw["plugins"], *(plugins or [])], base_dir=base_dir, source=source)
     root = str(data_root) if data_root is not None else None
     if smoke:
         raw = smoke_scenario(raw, root)
     elif root is not None:
         raw = with_data_root(raw, root)
-    source = f"{path}{describe(overrides or [])}" + (" (smoke)" if smoke else "")
-    resolved = scenarios.resolve(raw, source=source, base_dir=path.parent, extra_plugins=plugins)
+    source = f"{source}{describe(overrides or [])}" + (" (smoke)" if smoke else "")
+    resolved = scenarios.resolve(raw, source=source, base_dir=base_dir, extra_plugins=plugins)
     plan = planning.build(resolved)
     return _checked(Prepared(resolved, smoke_plan(plan) if smoke else plan))
 
@@ -215,6 +223,27 @@ def run(
     ``<runs_dir>/<name>/`` (a local disk). ``overrides``: ``--set key=value`` texts (:mod:`bench.overrides`)."""
     _check_options(executor, address, workers, cpus_per_job, gpus_per_job)
     prepared = prepare(path, plugins, smoke, data_root, overrides)
+    return run_prepared(prepared, runs_dir, reports_dir, fresh, device, reporter, workers, executor, address,
+                        retry_failed, artifacts_dir, cpus_per_job, gpus_per_job)
+
+
+def run_prepared(
+    prepared: Prepared,
+    runs_dir: str | Path = "runs",
+    reports_dir: str | Path = "reports",
+    fresh: bool = False,
+    device: str | None = None,
+    reporter: Reporter | None = None,
+    workers: int = 1,
+    executor: str = "local",
+    address: str | None = None,
+    retry_failed: bool = False,
+    artifacts_dir: str | Path | None = None,
+    cpus_per_job: float | None = None,
+    gpus_per_job: float | None = None,
+) -> RunOutcome:
+    """:func:`run` of a scenario already validated and planned (a file's, or a dict's: :mod:`bench.api`)."""
+    _check_options(executor, address, workers, cpus_per_job, gpus_per_job)
     requested = device or prepared.resolved.scenario.device
     cluster = RayCluster(address) if executor == "ray" else None
     try:
