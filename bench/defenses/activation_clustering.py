@@ -9,7 +9,8 @@ From the paper: activations of the last hidden layer, segmented by training labe
 10 dimensions with ICA, then k-means with k = 2; the "relative size" analysis flags the smaller cluster when
 it holds at most p of the class (the paper expects a poisoned cluster to be small); the flagged samples
 are removed and the model retrained from scratch. From IBM ART's ``ActivationDefence`` (the authors'
-public implementation): FastICA to ``nb_dims = 10``, ``nb_clusters = 2``, ``size_threshold = 0.35`` (ART's
+public implementation): FastICA (``max_iter = 1000``, ``tol = 0.005``) to ``nb_dims = 10``,
+``nb_clusters = 2``, ``size_threshold = 0.35`` (ART's
 ``relative-size`` analysis; its default, ``smaller``, flags the smaller cluster unconditionally; its
 silhouette analysis is the paper's alternative, not used here). Chosen here: the features are the
 classifier's input (for the built-in models, the pooled post-ReLU feature map), centred per class before
@@ -50,7 +51,8 @@ def cluster_flags(features: np.ndarray, dims: int, reduce: Reduce, size_threshol
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FastICA's convergence warning on near-degenerate features
         if reduce == "ica":
-            reduced = FastICA(n_components=k, whiten="unit-variance", random_state=seed, max_iter=1000, tol=0.005).fit_transform(z)
+            ica = FastICA(n_components=k, whiten="unit-variance", random_state=seed, max_iter=1000, tol=0.005)
+            reduced = ica.fit_transform(z)
         else:
             reduced = PCA(n_components=k, random_state=seed).fit_transform(z)
         labels = KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(reduced)
