@@ -168,6 +168,17 @@ def defense_not_applicable(defense: dict[str, Any], capabilities: frozenset[str]
     return None
 
 
+def defense_attack_not_applicable(defense: dict[str, Any], attack: dict[str, Any] | None) -> str | None:
+    """Why a defense cannot apply to the model of one attack: a defense that sees the poisoned training set
+    (data inspection, training-time) has none to see when a qcb objective trained the model (it trains on
+    clean data with its own loss); the same rule as :func:`bench.jobs.run_defend`'s."""
+    sees = getattr(REGISTRY.get("defense", defense["name"]).factory, "sees", frozenset())
+    if "poisoned" in sees and attack is not None and attack.get("objective"):
+        return (f"defense '{defense['name']}' inspects or trains on the poisoned training set, and a qcb-objective "
+                "attack trains on clean data with its own loss (prepare_qcb), not on a poisoned set")
+    return None
+
+
 def _requires(factory: Any) -> frozenset[str]:
     """A component's declared needs: ``requires`` (a set of :data:`CAPABILITIES`), or the older
     ``needs_routing = True``."""

@@ -281,7 +281,7 @@ def list_plugins(
         raise _fail(exc) from None
     if as_json:
         typer.echo(json.dumps([
-            {"kind": c.kind, "name": c.name, "source": c.source, "doc": c.doc,
+            {"kind": c.kind, "name": c.name, "source": c.source, "doc": c.doc, **_threat_model(c),
              "parameters": [{"name": p.name, "type": str(p.annotation), "required": p.required,
                              **({} if p.required else {"default": p.default})} for p in c.params]}
             for c in components], indent=2, default=repr))
@@ -293,8 +293,20 @@ def list_plugins(
         params = ", ".join(
             f"{p.name}: {p.annotation}" + ("" if p.required else f" = {p.default!r}") for p in comp.params
         )
-        table.add_row(comp.kind, comp.name, comp.source, params, comp.doc)
+        sees = _threat_model(comp)
+        doc = comp.doc + (f" [sees: {' + '.join(sees['sees'])}]" if sees else "")
+        table.add_row(comp.kind, comp.name, comp.source, params, doc)
     out.print(table)
+
+
+def _threat_model(component: object) -> dict[str, list[str]]:
+    """``{"sees": [...]}`` for a defense (what its threat model hands it), else nothing."""
+    if getattr(component, "kind", None) != "defense":
+        return {}
+    from bench.defenses.base import DEFAULT_SEES, THREAT_MODEL
+
+    sees = getattr(getattr(component, "factory", None), "sees", DEFAULT_SEES)
+    return {"sees": [k for k in THREAT_MODEL if k in sees]}
 
 
 def _version(value: bool) -> None:

@@ -200,9 +200,7 @@ def run_defend(spec: dict[str, Any], deps: tuple[str, ...], ctx: JobContext) -> 
     reason = applicability.defense_not_applicable(spec["defense"], applicability.model_capabilities(model),
                                                   spec["model"]["name"])
     attack = spec["attack"]
-    if reason is None and "poisoned" in sees and attack is not None and attack.get("objective"):
-        reason = (f"defense '{name}' inspects or trains on the poisoned training set, and a qcb-objective attack "
-                  "trains on clean data with its own loss (prepare_qcb), not on a poisoned set")
+    reason = reason or applicability.defense_attack_not_applicable(spec["defense"], attack)
     if reason is not None:  # the run-time fallback of the planner's check (data sets without declared shape)
         return JobOutput({"not_applicable": reason})
 

@@ -307,7 +307,8 @@ def _build(resolved: ResolvedScenario, checks: dict[tuple[int, int], _PairChecks
                                        own, clean, quant, not_applicable=na))
             if attack is None and not scenario.defend_clean:
                 continue
-            for defense, defense_na in zip(resolved.defenses, pair.defenses, strict=True):
+            for defense, model_na in zip(resolved.defenses, pair.defenses, strict=True):
+                defense_na = model_na or applicability.defense_attack_not_applicable(defense, attack)
                 entry = {"dataset": dataset, "model": model, "attack": attack, "poison_rate": rate, "seed": seed,
                          "train": train, "defense": defense, "job": ""}
                 if defense_na is None:

@@ -203,7 +203,10 @@ def test_plugins_json_lists_components_with_their_parameters():
     assert badnets["kind"] == "trigger" and badnets["source"] == "built-in"
     size = next(p for p in badnets["parameters"] if p["name"] == "size")
     assert size["required"] is False and isinstance(size["default"], int)
-    assert {c["kind"] for c in components} == {"trigger"}
+    assert {c["kind"] for c in components} == {"trigger"} and "sees" not in badnets
+    defenses = json.loads(CliRunner().invoke(app, ["plugins", "--json", "--kind", "defense"]).stdout)
+    sees = {c["name"]: c["sees"] for c in defenses}
+    assert sees["fine-pruning"] == ["model", "clean"] and sees["abl"] == ["poisoned"]
 
 
 def test_report_and_plugins_accept_the_names_users_use(write_scenario, tmp_path):

@@ -10,7 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from bench import plan as planning
 from bench import runner as runs
+from bench import scenario as sc
 from bench.applicability import Geometry, defense_not_applicable, quant_not_applicable
 from bench.cli import app
 from bench.data.info import DatasetInfo
@@ -265,3 +267,15 @@ def test_qat_of_a_scope_the_model_lacks_is_planned_not_applicable(write_scenario
 def test_min_seeds_beyond_the_seeds_is_refused(write_scenario) -> None:
     with pytest.raises(ScenarioError, match=r"report.min_seeds: 3 seeds required but the scenario has 2"):
         runs.prepare(write_scenario(tiny_scenario(seeds=[0, 1], report={"min_seeds": 3})))
+
+
+def test_poisoned_set_defenses_are_planned_not_applicable_to_qcb_attacks() -> None:
+    qcb = {"name": "badnets", "size": 2, "position": "top-left", "target": 0,
+           "objective": {"name": "qcb", "target_bits": 4, "scope": "whole"}}
+    plain = {"name": "badnets", "size": 2, "position": "top-left", "target": 0}
+    plan = planning.build(sc.resolve(tiny_scenario(attacks=[plain, qcb], defenses=[
+        {"name": "spectral-signatures"}, {"name": "fine-tuning", "epochs": 1}])))
+    by = {(bool(d["attack"].get("objective")), d["defense"]["name"]): d for d in plan.defenses}
+    assert "qcb-objective attack trains on clean data" in by[(True, "spectral-signatures")]["not_applicable"]
+    assert by[(True, "spectral-signatures")]["job"] == ""
+    assert by[(False, "spectral-signatures")]["job"] and by[(True, "fine-tuning")]["job"]
