@@ -7,14 +7,19 @@ rarely keep on clean ones. The detector, an inference-time filter like STRIP, ne
 extra forward passes beyond the model's own:
 
 1. Fit: on a share ``fit_share`` of the defender's clean images (a seeded split), per expert ``e`` and
-   patch ``j`` the frequency ``p_ej`` with which the expert keeps the patch (``statistic="selection"``,
-   Laplace-smoothed with ``prior`` pseudo-counts), or the mean and standard deviation of its router
-   score (``statistic="scores"``).
-2. Score: ``selection``: the negative log-likelihood of the input's selection mask under independent
-   Bernoulli(``p_ej``) entries, summed over experts and patches; ``scores``: the mean squared z-score of
-   its router scores. Higher = more unusual routing.
+   patch ``j`` the mean and standard deviation of its router score (``statistic="scores"``, the default),
+   or the frequency ``p_ej`` with which the expert keeps the patch (``statistic="selection"``,
+   Laplace-smoothed with ``prior`` pseudo-counts). Top-k keeps only the order of the scores, so
+   ``selection`` sees less: on a 4x4 grid with 4 experts it separated worse (AUROC 0.72-0.79).
+2. Score: ``scores``: the mean squared z-score of its router scores; ``selection``: the negative
+   log-likelihood of the input's selection mask under independent Bernoulli(``p_ej``) entries, summed
+   over experts and patches. Higher = more unusual routing.
 3. Threshold: the ``1 - frr`` quantile of the scores of the other clean images (never used to fit), so
    about a share ``frr`` of clean inputs is rejected; an input scoring above it is rejected.
+
+It flags routing that departs from clean routing, not backdoor behaviour as such: a patch pattern the
+routers react to is flagged whether or not the model's backdoor fires on it (on a weakly backdoored
+model, ASR 32%, triggered inputs were still all flagged).
 
 Sees: the model (its routing) and the defender's clean data. Its one stage, "filtered", carries
 ``state=None`` and, like STRIP's, detection metrics on the clean test set (``frr``/``fpr``) and on the
@@ -123,7 +128,8 @@ class RoutingDetector(Defense):
     Arguments:
         statistic (str): "selection" (per-expert Bernoulli keep frequency of every patch; score = negative
             log-likelihood of the input's selection mask) or "scores" (per-expert mean and std of every
-            patch's router score; score = mean squared z-score). Default: "selection".
+            patch's router score; score = mean squared z-score). Default: "scores" (on our tiny digits
+            BadNets / BadPatches pMoE models AUROC 1.0 against 0.72-0.997 for "selection").
         frr (float): false rejection budget: the threshold is the clean scores' ``1 - frr`` quantile, in
             (0, 1). Default: 0.05.
         fit_share (float): share of the defender's clean images that estimate the statistics; the others
@@ -148,7 +154,7 @@ class RoutingDetector(Defense):
 
     def __init__(
         self,
-        statistic: Statistic = "selection",
+        statistic: Statistic = "scores",
         frr: float = 0.05,
         fit_share: float = 0.5,
         prior: float = 1.0,
