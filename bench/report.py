@@ -693,7 +693,8 @@ def _required(rows: list[Row], meta: dict[str, Any]) -> int:
 
 
 def to_markdown(rows: list[Row], meta: dict[str, Any], pictures: list[str] | None = None,
-                routing_pictures: list[str] | None = None, transfer_pictures: list[str] | None = None) -> str:
+                routing_pictures: list[str] | None = None, transfer_pictures: list[str] | None = None,
+                der_pictures: list[str] | None = None) -> str:
     """The report as markdown: header, one Table-1-style table per group, the ranked leaderboard."""
     lines = [f"# pmoe-bench report: {meta.get('scenario', '?')}", ""]
     lines.append(
@@ -724,6 +725,7 @@ def to_markdown(rows: list[Row], meta: dict[str, Any], pictures: list[str] | Non
         lines += [f"## {_group_title(*group)}", ""] + main_table(members)
     lines += leaderboard_section(rows, _required(rows, meta))
     lines += defense_tables(rows)
+    lines += [line for picture in der_pictures or [] for line in (f"![{Path(picture).stem}]({picture})", "")]
     lines += detection_table(meta.get("detections", []))
     lines += quantization_tables(rows)
     lines += transfer_table(rows, transfer_pictures)

@@ -18,6 +18,7 @@ from bench import plan as planning
 from bench import report as reporting
 from bench import scenario as scenarios
 from bench.data.base import TensorData
+from bench.der_heatmap import draw_der
 from bench.errors import BenchError, ScenarioError
 from bench.execute.local import ExecutionSummary, Reporter, execute
 from bench.execute.pool import execute_parallel
@@ -396,12 +397,14 @@ def render(store: Store, fmt: str = "md", relative_to: Path | None = None, pictu
         return reporting.to_csv(rows)
     if fmt == "json":
         return reporting.to_json(rows, meta)
-    drawn = draw_transfer(rows, picture_dir) if picture_dir is not None else []
-    transfer_pictures = [os.path.relpath(p.resolve(), relative_to) if relative_to is not None else str(p)
-                         for p in drawn]
+    def shown(drawn: list[Path]) -> list[str]:
+        return [os.path.relpath(p.resolve(), relative_to) if relative_to is not None else str(p) for p in drawn]
+
+    transfer = shown(draw_transfer(rows, picture_dir)) if picture_dir is not None else []
+    der = shown(draw_der(rows, picture_dir)) if picture_dir is not None else []
     return reporting.to_markdown(rows, meta, pictures=_relative_pictures(store, relative_to),
                                  routing_pictures=_relative_pictures(store, relative_to, "analysis_pictures"),
-                                 transfer_pictures=transfer_pictures)
+                                 transfer_pictures=transfer, der_pictures=der)
 
 
 def _relative_pictures(store: Store, relative_to: Path | None, key: str = "pictures") -> list[str]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from PIL import Image
 from typer.testing import CliRunner
 
 from bench import plan as planning
 from bench import scenario as sc
 from bench.cli import app
+from bench.der_heatmap import der_grid
 from tests.conftest import tiny_scenario
 
 DEFENSES = [{"name": "fine-tuning", "epochs": 1}]
@@ -31,3 +33,30 @@ def test_report_shows_the_defended_clean_model_outside_the_der_leaderboard(write
     assert "· clean model (no attack)" in report
     board = report.split("### Defense leaderboard (by DER)", 1)[1].split("##", 1)[0]
     assert "| badnets" in board and "| clean" not in board
+    # the attack x defense DER picture: one line (badnets), one column (fine-tuning), clean models left out
+    picture = tmp_path / "reports" / "tiny" / "der-digits-pmoe.png"
+    assert f"![der-digits-pmoe](tiny/{picture.name})" in report
+    with Image.open(picture) as image:
+        assert image.format == "PNG" and image.width > 100
+
+
+def test_der_grid_holds_the_rows_der_per_attack_and_stage():
+    rows = [_Row("badnets", 0.1, "fine-tuning / finetuned", 0.8), _Row("blend", 0.1, "fine-tuning / finetuned", None),
+            _Row("clean", None, "fine-tuning / finetuned", None), _Row("badnets", 0.1, "-", None)]
+    ((key, (lines, columns, cells)),) = der_grid(rows).items()
+    assert key == ("digits", "pmoe") and lines == ["badnets", "blend"] and columns == ["fine-tuning / finetuned"]
+    assert cells[("badnets", "fine-tuning / finetuned")].der.mean == 0.8
+
+
+class _Summary:
+    def __init__(self, mean: float | None) -> None:
+        self.mean, self.n = mean, int(mean is not None)
+
+
+class _Row:
+    """The fields of a report row the picture reads (a report row needs a store behind it)."""
+
+    def __init__(self, attack: str, rate: float | None, defense: str, der: float | None) -> None:
+        self.dataset, self.model, self.train, self.quant = "digits", "pmoe", "-", "fp32"
+        self.attack, self.poison_rate, self.defense, self.der = attack, rate, defense, _Summary(der)
+        self.status = "ok"
