@@ -51,6 +51,18 @@ B_t-bit QAT with data poisoning and the running statistics are the B_t-bit model
 repair phase with ``lambda_fp_trigger`` and ``guard_bits`` for the precisions that must stay clean. With the
 clean term at fp32 instead, the B_t-bit forwards train on batch statistics that PTQ never sees.
 
+Targeting a real back-end (``target_backend: torchao``): torchao's int8 weight-only quantizes ``fc`` alone on
+pMoE (the router and experts are convolutions), per row, symmetric, with step max|w_row| / 127.5. Every
+forward at 8 bits uses a bit-exact stand-in (:mod:`bench.quant.standin`) and the repair pins fc's int8 cells.
+With ordinary weights the step is ~0.003, so fp32 and int8 logits differ by ~0.003 x |features|: no room for
+a backdoor (seed 0, 5k MNIST images: torchao ASR 6.7%). ``range_anchor`` opens it: a silenced input channel
+whose fc column sets every row's range makes the step range_anchor / 127.5 at no cost to any output. With
+range_anchor 80, qat_bits 8, lambda_bd 0.2, lambda_fp_trigger 1, warm-up 3, repair from epoch 7 of 10
+(``repair_hold: model``) the same probe gave torchao int8 ASR 99.8% / BA 92.9% but fp32 ASR 8.5% / BA 84.8%:
+the coarse int8 head and the fp32 head it must stay close to cost clean accuracy (not yet a usable recipe).
+``repair_hold: quantized`` (the extractor trains in the repair too) diverged with SGD and with Adam found no
+large triggered features, in our probes.
+
 ``warmup_epochs``: Qu-ANTI-zation fine-tunes a clean fp32 model; our train job trains from scratch, so the
 first ``warmup_epochs`` epochs train that clean model (plain fp32 cross-entropy) and the attack starts after
 them (the objective counts samples, so it needs no batch size).
