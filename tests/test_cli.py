@@ -186,7 +186,7 @@ def test_plugins_lists_builtins():
     assert result.exit_code == 0
     for name in ("pmoe", "dense", "digits", "badnets", "blend", "wanet"):
         assert name in result.output
-    assert invoke("plugins", "--kind", "attack").exit_code == 2
+    assert invoke("plugins", "--kind", "attacker").exit_code == 2  # unknown kind ("attack" is trigger)
 
 
 def test_version_names_the_package_version_and_commit():
