@@ -325,7 +325,10 @@ def varying_keys(specs: list[dict[str, Any] | None]) -> set[str]:
     out = set()
     for flats in by_name.values():
         for k in {k for f in flats for k in f}:
-            if len({_hashable(f.get(k)) for f in flats}) > 1:
+            # an objective's fields are compared among the specs that have an objective: the name's "+qcb"
+            # already tells a plain attack from one with an objective
+            among = [f for f in flats if "objective.name" in f] if k.startswith("objective.") else flats
+            if len({_hashable(f.get(k)) for f in among}) > 1:
                 out.add(k)
     if any(f.get("apply") == "badpatches" for flats in by_name.values() for f in flats):
         out.add("apply")
@@ -1219,6 +1222,7 @@ def quantization_tables(rows: list[Row]) -> list[str]:
              "train: the training setting (qat_bits = quantization-aware training). Δ: BA change against fp32, "
              "over the same seeds.", ""]
     fp32 = {(r.dataset, r.model, r.train, r.defense, r.attack, r.poison_rate): r for r in rows if r.quant == "fp32"}
+    show_defense = any(r.attack == "clean" and r.defense != "-" for r in rows)  # defend_clean
     table = []
     for r in rows:
         if r.attack != "clean":
@@ -1230,8 +1234,10 @@ def quantization_tables(rows: list[Row]) -> list[str]:
             delta = f"- (fp32 over {seed_list(ref.ba.seeds)})"
         else:
             delta = f"{(r.ba.mean - ref.ba.mean) * 100:+.2f}"
-        table.append([r.dataset, r.model, r.train, r.quant, cell_text(r, "ba", scale=100, digits=2), delta])
-    lines += [_grid(table, ["dataset", "model", "train", "PTQ", "BA", "Δ vs fp32"]), ""]
+        table.append([r.dataset, r.model, r.train] + ([r.defense] if show_defense else [])
+                     + [r.quant, cell_text(r, "ba", scale=100, digits=2), delta])
+    headers = ["dataset", "model", "train"] + (["defense"] if show_defense else []) + ["PTQ", "BA", "Δ vs fp32"]
+    lines += [_grid(table, headers), ""]
 
     bits = sorted({_bits(r.quant) for r in rows}, key=_bits_order)
     lines += ["## Dormancy", "",

@@ -261,7 +261,7 @@ def test_reference_train_and_trigger_params_narrow_the_match():
                                             r"\(e\.g\. params: \{objective: null\}\)"):
         check_reference(ref, cells, "s.yaml")
     rows = aggregate(cells, {})
-    for objective, attack in ((None, "badnets"), ({"target_bits": 4}, "badnets+qcb (target_bits=4)")):
+    for objective, attack in ((None, "badnets"), ({"target_bits": 4}, "badnets+qcb")):  # "+qcb" tells them apart
         ref["values"][0]["params"] = {"objective": objective}
         check_reference(ref, cells, "s.yaml")
         named = [r.attack for r in rows if reporting.reference_matches(ref["values"][0], r.specs, r.poison_rate)]
