@@ -9,11 +9,12 @@ models (``defend_clean``) have no backdoor to remove and no DER, so they are not
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from bench.heatmap import Heatmap, draw_heatmap, slug
 
 
 def _line(row: Any, show_rate: bool, show_train: bool) -> str:
@@ -42,47 +43,15 @@ def der_grid(rows: Iterable[Any]) -> dict[tuple[str, str], tuple[list[str], list
 
 def draw_der(rows: Iterable[Any], folder: Path) -> list[Path]:
     """One PNG per data set x model with a defended attacked model (``der-<dataset>-<model>.png``)."""
-    grids = der_grid(rows)
-    if not grids:
-        return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for (dataset, model), (lines, columns, cells) in grids.items():
-        values = np.full((len(lines), len(columns)), np.nan)
-        texts = [["" for _ in columns] for _ in lines]
-        for i, line in enumerate(lines):
-            for j, column in enumerate(columns):
-                row = cells.get((line, column))
-                if row is None:
-                    continue
-                if row.der.n:
-                    values[i, j] = row.der.mean
-                    texts[i][j] = f"{row.der.mean:.2f}"
-                else:
-                    texts[i][j] = {"n/a": "n/a", "failed": "failed"}.get(row.status, "-")
-        fig, ax = plt.subplots(figsize=(1.4 + 0.75 * len(columns), 1.2 + 0.45 * len(lines)))
-        image = ax.imshow(np.ma.masked_invalid(values), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-        ax.set_facecolor("#dddddd")
-        for i in range(len(lines)):
-            for j in range(len(columns)):
-                ax.text(j, i, texts[i][j], ha="center", va="center", fontsize=7)
-        ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(range(len(lines)), lines, fontsize=7)
-        ax.set_xlabel("defense / stage")
-        ax.set_title(f"DER (1 = backdoor removed at no BA cost, 0.5 = no effect): {dataset}, {model}", fontsize=8)
-        fig.colorbar(image, ax=ax, label="mean DER")
-        path = folder / f"der-{_slug(dataset)}-{_slug(model)}.png"
-        fig.savefig(path, format="png", dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
+    for (dataset, model), (lines, columns, cells) in der_grid(rows).items():
+        grid = [[cells.get((line, column)) for column in columns] for line in lines]
+        spec = Heatmap(
+            values=[[row.der.mean if row is not None and row.der.n else None for row in line] for line in grid],
+            texts=[["" if row is None else f"{row.der.mean:.2f}" if row.der.n else
+                    {"n/a": "n/a", "failed": "failed"}.get(row.status, "-") for row in line] for line in grid],
+            lines=lines, columns=columns, xlabel="defense / stage", colorbar="mean DER", cmap="RdYlGn",
+            title=f"DER (1 = backdoor removed at no BA cost, 0.5 = no effect): {dataset}, {model}",
+        )
+        written.append(draw_heatmap(spec, folder / f"der-{slug(dataset)}-{slug(model)}.png"))
     return written
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"

@@ -22,6 +22,8 @@ from typing import Any
 
 from tabulate import tabulate
 
+from bench.heatmap import Heatmap, draw_heatmap, slug
+
 #: Column of a model without an objective (plain data poisoning): it was trained against no quantizer.
 PLAIN = "none (plain poisoning)"
 
@@ -144,52 +146,24 @@ def transfer_table(rows: Iterable[Any], pictures: list[str] | None = None) -> li
 def draw_transfer(rows: Iterable[Any], folder: Path) -> list[Path]:
     """One heatmap PNG per data set x model (ASR colour, "ASR / BA" written in each cell) in ``folder``;
     nothing when there is no quantization-conditioned attack."""
-    lines = transfer_lines(rows)
-    if not lines:
-        return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     groups: dict[tuple[str, str], list[TransferLine]] = defaultdict(list)
-    for line in lines:
+    for line in transfer_lines(rows):
         groups[(line.dataset, line.model)].append(line)
-    folder.mkdir(parents=True, exist_ok=True)
     written = []
     for (dataset, model), members in groups.items():
         cols = columns(members)
-        asr = np.full((len(members), len(cols)), np.nan)
-        texts = [["" for _ in cols] for _ in members]
-        for i, m in enumerate(members):
-            for j, c in enumerate(cols):
-                row = m.cells.get(c)
-                if row is not None and row.ba.n and row.asr.n:
-                    asr[i, j] = row.asr.mean * 100
-                    texts[i][j] = f"{row.asr.mean * 100:.0f}\n{row.ba.mean * 100:.0f}"
-                elif row is not None:
-                    texts[i][j] = cell_text(row)
-        fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(cols), 1.2 + 0.55 * len(members)))
-        image = ax.imshow(np.ma.masked_invalid(asr), cmap="Reds", vmin=0, vmax=100, aspect="auto")
-        ax.set_facecolor("#dddddd")  # n/a and failed cells
-        for i in range(len(members)):
-            for j in range(len(cols)):
-                ax.text(j, i, texts[i][j], ha="center", va="center", fontsize=7,
-                        color="white" if np.nan_to_num(asr[i, j]) > 60 else "black")
-        ax.set_xticks(range(len(cols)), [c.replace("@", "\n@") for c in cols], rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(range(len(members)), [f"{m.against}\n{m.attack.split(' (', 1)[0]}" for m in members],
-                      fontsize=7)
-        ax.set_xlabel("evaluated quantizer (cells: ASR over BA, %)")
-        ax.set_ylabel("trained against")
-        ax.set_title(f"Transfer matrix: {dataset}, {model}", fontsize=9)
-        fig.colorbar(image, ax=ax, label="ASR (%)")
-        path = folder / f"transfer-{_slug(dataset)}-{_slug(model)}.png"
-        fig.savefig(path, format="png", dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
+        cells = [[m.cells.get(c) for c in cols] for m in members]
+        shown = [[row is not None and bool(row.ba.n and row.asr.n) for row in line] for line in cells]
+        spec = Heatmap(
+            values=[[row.asr.mean * 100 if ok else None for row, ok in zip(line, oks, strict=True)]
+                    for line, oks in zip(cells, shown, strict=True)],
+            texts=[[f"{row.asr.mean * 100:.0f}\n{row.ba.mean * 100:.0f}" if ok else
+                    (cell_text(row) if row is not None else "") for row, ok in zip(line, oks, strict=True)]
+                   for line, oks in zip(cells, shown, strict=True)],
+            lines=[f"{m.against}\n{m.attack.split(' (', 1)[0]}" for m in members],
+            columns=[c.replace("@", "\n@") for c in cols],
+            title=f"Transfer matrix: {dataset}, {model}", xlabel="evaluated quantizer (cells: ASR over BA, %)",
+            ylabel="trained against", colorbar="ASR (%)", cmap="Reds", vmin=0, vmax=100, white_above=60,
+        )
+        written.append(draw_heatmap(spec, folder / f"transfer-{slug(dataset)}-{slug(model)}.png"))
     return written
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
