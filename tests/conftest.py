@@ -56,3 +56,53 @@ def one_thread():
 def digits8() -> TensorData:
     """scikit-learn's digits at their native 8x8: the smallest real data set, for defense tests."""
     return REGISTRY.get("dataset", "digits").create(image_size=8)
+
+
+# -- a tiny BadNets-backdoored pMoE, shared by the defense tests ------------------------------------------
+TINY_PMOE = {"name": "pmoe", "width": 1, "experts": 2, "topk": 2}
+
+
+def defense_cfg(**kw: Any) -> dict[str, Any]:
+    """The resolved train settings the tiny backdoored model was trained with (overridable)."""
+    from bench.scenario import TrainSpec
+
+    return TrainSpec(**{"epochs": 4, "batch_size": 64, "lr": 0.05, **kw}).model_dump()
+
+
+def defense_ctx(data: TensorData, n: int = 144, **kw: Any) -> Any:
+    """A defense context holding ``n`` clean training images of ``data`` (a fixed draw)."""
+    from bench.defenses import DefenseContext
+
+    idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(1))[:n]
+    return DefenseContext(clean_x=data.train_x[idx], clean_y=data.train_y[idx], train_cfg=defense_cfg(), seed=0,
+                          num_classes=data.num_classes, **kw)
+
+
+@pytest.fixture(scope="session")
+def badnets_digits8_state(digits8: TensorData) -> dict[str, torch.Tensor]:
+    """Weights of a width-1 pMoE (2 experts, top-2) trained 4 epochs on 8x8 digits with 10% BadNets (2x2
+    top-left, target 0), single-threaded: trained once per session, each module builds its own copy."""
+    from bench.attacks import BadNets, poison_training_set
+    from bench.jobs import build_model
+    from bench.train import fit
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = build_model(TINY_PMOE, digits8)
+        poisoned = poison_training_set(digits8.train_x, digits8.train_y, BadNets(size=2, position="top-left"), 0,
+                                       0.1, seed=0)
+        fit(model, poisoned.x, poisoned.y, defense_cfg(), seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def backdoored_copy(data: TensorData, state: dict[str, torch.Tensor]) -> Any:
+    """A fresh tiny pMoE holding ``state`` (see ``badnets_digits8_state``), in eval mode."""
+    from bench.jobs import build_model
+
+    model = build_model(TINY_PMOE, data)
+    model.load_state_dict(state)
+    return model.eval()

@@ -10,51 +10,37 @@ from __future__ import annotations
 import copy
 import json
 import math
-from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from bench.attacks import BadNets, poison_training_set
+from bench.attacks import BadNets
 from bench.cli import app
 from bench.data.base import TensorData
-from bench.defenses import DefenseContext
 from bench.defenses.ibau import IBAU, implicit_hypergradient, universal_perturbation
 from bench.errors import ComponentParamsError
 from bench.evaluate import evaluate
-from bench.jobs import build_model
 from bench.models.base import BenchModel
 from bench.registry import REGISTRY
-from bench.scenario import TrainSpec
-from bench.train import fit
-from tests.conftest import tiny_scenario
+from tests.conftest import TINY_PMOE, backdoored_copy, defense_cfg, defense_ctx, tiny_scenario
 
 TARGET = 0
-TINY = {"name": "pmoe", "width": 1, "experts": 2, "topk": 2}
+TINY = TINY_PMOE
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
-def cfg(**kw: Any) -> dict[str, Any]:
-    return TrainSpec(**{"epochs": 4, "batch_size": 64, "lr": 0.05, **kw}).model_dump()
+cfg = defense_cfg
 
 
-def ctx_for(data: TensorData, n: int = 144) -> DefenseContext:
-    idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(1))[:n]
-    return DefenseContext(clean_x=data.train_x[idx], clean_y=data.train_y[idx], train_cfg=cfg(), seed=0,
-                          num_classes=data.num_classes)
+ctx_for = defense_ctx
 
 
 @pytest.fixture(scope="module")
-def backdoored(digits8: TensorData) -> BenchModel:
-    torch.manual_seed(0)
-    model = build_model(TINY, digits8)
-    poisoned = poison_training_set(digits8.train_x, digits8.train_y, BadNets(size=2, position="top-left"), TARGET,
-                                   0.1, seed=0)
-    fit(model, poisoned.x, poisoned.y, cfg(), seed=0)
-    return model.eval()
+def backdoored(digits8: TensorData, badnets_digits8_state: dict[str, torch.Tensor]) -> BenchModel:
+    return backdoored_copy(digits8, badnets_digits8_state)  # trained once per session (conftest)
 
 
 def test_the_universal_perturbation_raises_the_loss_within_its_l2_ball(digits8, backdoored):

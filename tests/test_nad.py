@@ -8,16 +8,14 @@ trained once for the file.
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.attacks import BadNets, poison_training_set
+from bench.attacks import BadNets
 from bench.data.base import TensorData
-from bench.defenses import DefenseContext
 from bench.defenses.nad import (
     NAD,
     DistillationObjective,
@@ -33,33 +31,23 @@ from bench.evaluate import evaluate
 from bench.jobs import build_model
 from bench.models.base import BenchModel
 from bench.registry import REGISTRY
-from bench.scenario import TrainSpec
-from bench.train import fit
+from tests.conftest import TINY_PMOE, backdoored_copy, defense_cfg, defense_ctx
 
 TARGET = 0
-TINY = {"name": "pmoe", "width": 1, "experts": 2, "topk": 2}
+TINY = TINY_PMOE
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
-def cfg(**kw: Any) -> dict[str, Any]:
-    return TrainSpec(**{"epochs": 4, "batch_size": 64, "lr": 0.05, **kw}).model_dump()
+cfg = defense_cfg
 
 
-def ctx_for(data: TensorData, n: int = 144, **kw: Any) -> DefenseContext:
-    idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(1))[:n]
-    return DefenseContext(clean_x=data.train_x[idx], clean_y=data.train_y[idx], train_cfg=cfg(), seed=0,
-                          num_classes=data.num_classes, **kw)
+ctx_for = defense_ctx
 
 
 @pytest.fixture(scope="module")
-def backdoored(digits8: TensorData) -> BenchModel:
-    torch.manual_seed(0)
-    model = build_model(TINY, digits8)
-    poisoned = poison_training_set(digits8.train_x, digits8.train_y, BadNets(size=2, position="top-left"), TARGET,
-                                   0.1, seed=0)
-    fit(model, poisoned.x, poisoned.y, cfg(), seed=0)
-    return model.eval()
+def backdoored(digits8: TensorData, badnets_digits8_state: dict[str, torch.Tensor]) -> BenchModel:
+    return backdoored_copy(digits8, badnets_digits8_state)  # trained once per session (conftest)
 
 
 def test_attention_map_is_the_normalised_mean_of_squared_magnitudes_over_channels():
