@@ -171,7 +171,9 @@ def fit(
     (a resolved :class:`bench.scenario.TrainSpec` dict). ``epochs`` overrides ``cfg["epochs"]`` (defenses
     fine-tune for their own budget); ``trainable`` restricts which parameters the optimizer updates.
     An objective with a ``before_batch(indices)`` method gets each batch's training-set indices as a host
-    tensor before it is called (qcb finds its triggered rows there without reading the device).
+    tensor before it is called (qcb finds its triggered rows there without reading the device); one with an
+    ``after_step()`` method is called after every optimizer step (a learned trigger steps its own optimizer
+    there: the loss's backward pass filled its gradients too, see :class:`bench.attacks.base.JointTraining`).
     With ``cfg["compile"]`` the full batches run through the compiled forward of the model's architecture
     (:func:`compiled_forward`, backend ``compile_backend``, else ``$PMOE_BENCH_COMPILE_BACKEND``, else
     inductor) and the last partial batch through the plain module: one more batch shape would add a
@@ -209,6 +211,7 @@ def fit(
         else contextlib.nullcontext()
     )
     before_batch = getattr(objective, "before_batch", None)
+    after_step = getattr(objective, "after_step", None)
     result = TrainResult()
     was_training = model.training
     model.train()
@@ -231,6 +234,8 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if after_step is not None:
+                    after_step()
                 if scheduler is not None:
                     scheduler.step()
                 total += loss.detach().float() * len(idx)
