@@ -85,11 +85,15 @@ def poison_training_set(
     to ``max(y) + 1``). For a trigger in noise mode (``trigger.noise_mode`` with ``cross_ratio`` > 0,
     e.g. WaNet) another ``round(cross_ratio * P)`` samples, drawn from the clean rest with the same seeded
     generator, get ``trigger.noise(...)`` and keep their labels. ``dirty`` draws exactly as before modes
-    existed, so stored poisoned sets are reproduced bit for bit.
+    existed, so stored poisoned sets are reproduced bit for bit. A trigger with a ``poison_images(images,
+    labels, clean_x, clean_y, seed)`` method makes its poisoned training images itself (called once with all
+    of them and the clean set, e.g. to train a surrogate: label-consistent); a trigger with ``poison_modes``
+    refuses the other modes.
     """
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
     _check_mode(mode, target)
+    _check_declared_mode(trigger, mode)
     gen = torch.Generator().manual_seed(seed)
     order, count = _draw(int(x.shape[0]), rate, gen)
     if mode == "clean-label":
@@ -98,7 +102,12 @@ def poison_training_set(
     cross = torch.zeros(0, dtype=torch.long)
     px, py = x.clone(), y.clone()
     with torch.no_grad():
-        _apply_in_batches(px, indices, trigger, batch_size)
+        hook = getattr(trigger, "poison_images", None)
+        if hook is not None:  # the trigger makes its poisoned training images itself (e.g. label-consistent)
+            at = indices.to(px.device)
+            px[at] = hook(x[at], y[at], x, y, seed).to(px.dtype)
+        else:
+            _apply_in_batches(px, indices, trigger, batch_size)
         if getattr(trigger, "noise_mode", False) and getattr(trigger, "cross_ratio", 0.0) > 0:
             want = math.floor(float(trigger.cross_ratio) * count + 0.5)  # type: ignore[attr-defined]
             cross = order[count : count + want].sort().values
@@ -167,6 +176,14 @@ def _check_mode(mode: str, target: int | None) -> None:
         return
     if target is None or isinstance(target, bool) or int(target) != target or target < 0:
         raise ScenarioError(f"attack.target: must be a class index >= 0, got {target!r}")
+
+
+def _check_declared_mode(trigger: Trigger, mode: str) -> None:
+    """A trigger that declares ``poison_modes`` (e.g. label-consistent: clean-label only) refuses the others."""
+    modes = getattr(trigger, "poison_modes", None)
+    if modes is not None and mode not in modes:
+        raise ScenarioError(f"attack.mode: trigger {type(trigger).__name__} poisons in mode {', '.join(modes)} only, "
+                            f"got {mode!r}")
 
 
 def _target_first(
