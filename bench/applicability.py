@@ -121,6 +121,10 @@ def attack_not_applicable(attack: dict[str, Any], geo: Geometry, model_name: str
     for need in sorted(_requires(REGISTRY.get("trigger", attack["name"]).factory)):
         if need not in geo.capabilities:
             return f"trigger '{attack['name']}' needs a model with {need} ('{model_name}' has none)"
+    declared = getattr(REGISTRY.get("trigger", attack["name"]).factory, "attack_not_applicable", None)
+    reason = declared(attack) if callable(declared) else None  # the trigger's own word (Trigger contract)
+    if reason is not None:
+        return reason
     problem = _trigger_problem(attack, geo)
     if problem is not None:
         raise ScenarioError(f"{where}: {problem}{on}")

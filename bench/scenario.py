@@ -433,6 +433,10 @@ def _resolve_attacks(entries: list[AttackEntry]) -> tuple[list[dict[str, Any]], 
         for concrete, objective in itertools.product(expand_grid(params), objectives):
             target, apply = concrete.pop("target"), concrete.pop("apply")
             mode = _poison_mode(concrete.pop("mode"), target, objective, where)
+            modes = getattr(comp.factory, "poison_modes", None)  # a trigger may accept only some modes
+            if modes is not None and mode not in modes:
+                raise ScenarioError(f"{where}.mode: trigger '{comp.name}' poisons in mode {', '.join(modes)} only "
+                                    f"(set mode: {modes[0]}), got {mode!r}")
             target = 0 if target is None and mode != "all-to-all" else target
             trigger_grid = _trigger_grid(concrete.pop("trigger_grid"), apply, f"{where}.trigger_grid")
             if mode != "all-to-all" and (not isinstance(target, int) or isinstance(target, bool) or target < 0):

@@ -51,6 +51,11 @@ class BadPatches(Trigger):
 
     def __init__(self, inner: Trigger, grid: tuple[int, int]) -> None:
         rows, cols = (int(g) for g in grid)
+        if getattr(inner, "poison_images", None) is not None:  # planned n/a; this guards direct use
+            raise ComponentParamsError(
+                f"badpatches: trigger {type(inner).__name__} makes its own poisoned training images (poison_images) "
+                "on whole images and has no per-patch form; use apply: image"
+            )
         if rows < 1 or cols < 1:
             raise ComponentParamsError(f"badpatches.grid: rows and cols must be >= 1, got {tuple(grid)}")
         self.inner = inner

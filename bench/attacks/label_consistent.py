@@ -15,7 +15,7 @@ for the poisoned training images (the engine has no special case for it by name)
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -94,8 +94,6 @@ class LabelConsistent(Trigger):
     strength_param: ClassVar[str] = "amplitude"
     #: Poisoning modes this attack accepts (the scenario loader refuses others).
     poison_modes: ClassVar[tuple[str, ...]] = ("clean-label",)
-    #: ``apply`` modes this attack supports (the planner marks the others n/a).
-    apply_modes: ClassVar[tuple[str, ...]] = ("image",)
 
     def __init__(
         self,
@@ -112,11 +110,14 @@ class LabelConsistent(Trigger):
         if steps < 1:
             raise ComponentParamsError(f"label-consistent.steps: must be >= 1 PGD step, got {steps}")
         if not 0.0 < step_size <= 1.0:
-            raise ComponentParamsError(f"label-consistent.step_size: must be in (0, 1] (1.5/255 is the default), "
-                                       f"got {step_size}")
+            raise ComponentParamsError(
+                f"label-consistent.step_size: must be in (0, 1] (1.5/255 is the default), got {step_size}"
+            )
         if not 0.0 < amplitude <= 1.0:
-            raise ComponentParamsError(f"label-consistent.amplitude: must be in (0, 1] (1 = full, the paper's reduced "
-                                       f"amplitudes are 16/255, 32/255, 64/255), got {amplitude}")
+            raise ComponentParamsError(
+                f"label-consistent.amplitude: must be in (0, 1] (1 = full, the paper's reduced "
+                f"amplitudes are 16/255, 32/255, 64/255), got {amplitude}"
+            )
         if surrogate_epochs < 1:
             raise ComponentParamsError(f"label-consistent.surrogate_epochs: must be >= 1, got {surrogate_epochs}")
         self.eps = eps
@@ -126,6 +127,16 @@ class LabelConsistent(Trigger):
         self.corners: Corners = corners
         self.surrogate_epochs = surrogate_epochs
         self.robust_surrogate = robust_surrogate
+
+    @classmethod
+    def attack_not_applicable(cls, attack: dict[str, Any]) -> str | None:
+        """``apply: badpatches`` is n/a (see the class doc)."""
+        if attack.get("apply", "image") != "image":
+            return (
+                "label-consistent crafts each poisoned image with a whole-image adversarial perturbation against an "
+                "image-level surrogate and stamps the image's corners; it has no per-patch form (use apply: image)"
+            )
+        return None
 
     # -- the trigger ---------------------------------------------------------------------------------------
     def pattern(self, height: int, width: int) -> torch.Tensor:
@@ -180,8 +191,10 @@ class LabelConsistent(Trigger):
         if len(images) == 0 or self.eps == 0:
             return images.clone()
         model = self.surrogate(clean_x, clean_y, seed)
-        out = [pgd(model, images[i : i + PGD_BATCH], labels[i : i + PGD_BATCH], self.eps, self.step_size, self.steps)
-               for i in range(0, len(images), PGD_BATCH)]
+        out = [
+            pgd(model, images[i : i + PGD_BATCH], labels[i : i + PGD_BATCH], self.eps, self.step_size, self.steps)
+            for i in range(0, len(images), PGD_BATCH)
+        ]
         return torch.cat(out).to(images.dtype)
 
     def surrogate(self, clean_x: torch.Tensor, clean_y: torch.Tensor, seed: int) -> nn.Module:
@@ -223,10 +236,14 @@ class SurrogateCNN(nn.Module):
         self.register_buffer("mean", train_x.mean(dim=(0, 2, 3)).view(1, channels, 1, 1).detach().clone())
         self.register_buffer("std", train_x.std(dim=(0, 2, 3)).clamp_min(1e-3).view(1, channels, 1, 1).detach().clone())
         self.features = nn.Sequential(
-            nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(channels, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.head = nn.Linear(64, num_classes)
 
@@ -234,8 +251,9 @@ class SurrogateCNN(nn.Module):
         return self.head(self.features((x - self.mean) / self.std))
 
 
-def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, step_size: float,
-        steps: int) -> torch.Tensor:
+def pgd(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, step_size: float, steps: int
+) -> torch.Tensor:
     """Untargeted L-inf PGD (Madry et al. 2018) without random start: ``steps`` ascents of the cross-entropy
     by ``step_size * sign(grad)``, each projected on the ``eps`` ball around ``images`` and on [0, 1]."""
     x0 = images.detach().float()

@@ -182,8 +182,9 @@ def _check_declared_mode(trigger: Trigger, mode: str) -> None:
     """A trigger that declares ``poison_modes`` (e.g. label-consistent: clean-label only) refuses the others."""
     modes = getattr(trigger, "poison_modes", None)
     if modes is not None and mode not in modes:
-        raise ScenarioError(f"attack.mode: trigger {type(trigger).__name__} poisons in mode {', '.join(modes)} only, "
-                            f"got {mode!r}")
+        raise ScenarioError(
+            f"attack.mode: trigger {type(trigger).__name__} poisons in mode {', '.join(modes)} only, got {mode!r}"
+        )
 
 
 def _target_first(
