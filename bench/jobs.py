@@ -12,7 +12,7 @@ import torch
 
 from bench import applicability
 from bench.attacks import build_attack_trigger
-from bench.attacks.base import Trigger
+from bench.attacks.base import TRIGGER_STAGE, Trigger
 from bench.attacks.poison import poison_training_set
 from bench.data.base import TensorData
 from bench.errors import JobFailed
@@ -96,8 +96,9 @@ def run_train(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
     model = build_model(spec["model"], data).to(ctx.device)
     x, y = data.train_x, data.train_y
     metrics: dict[str, Any] = {"n_train": int(len(y))}
-    objective, finish = cross_entropy, _no_op
+    objective, finish, trigger_finish = cross_entropy, _no_op, _no_op
     attack = spec["attack"]
+    trigger = None
     if attack is not None:
         trigger = build_trigger(attack, model)
         if attack.get("objective"):
@@ -108,6 +109,13 @@ def run_train(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
                 spec["poison_rate"], spec["seed"],
             )
             x, y, objective, finish = qcb.x, qcb.y, qcb.objective, qcb.finish
+        elif trigger.learned:  # a trigger trained with the classifier (its own data and objective)
+            joint = trigger.joint_training(
+                model, x, y, target=attack["target"], rate=spec["poison_rate"], seed=spec["seed"],
+                mode=attack.get("mode", "dirty"), num_classes=data.num_classes, train_cfg=spec["train"],
+            )
+            x, y, objective, trigger_finish = joint.x, joint.y, joint.objective, joint.finish
+            metrics.update(joint.metrics)
         else:
             poisoned = poison_training_set(x, y, trigger, attack["target"], spec["poison_rate"], spec["seed"],
                                            mode=attack.get("mode", "dirty"), num_classes=data.num_classes)
@@ -127,6 +135,7 @@ def run_train(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
                      on_epoch=on_epoch)
     finally:
         finish()
+        trigger_finish()
     metrics.update(
         train_seconds=result.seconds,
         images_per_second=result.images_per_second,
@@ -135,7 +144,23 @@ def run_train(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
     )
     if result.compile_frames is not None:
         metrics.update(compile_frames=result.compile_frames, compile_recompiles=result.compile_recompiles)
-    return JobOutput(metrics, model.state_dict())
+    out = JobOutput(metrics, model.state_dict())
+    if trigger is not None and trigger.learned:  # stored beside the model, restored by restore_trigger
+        out.stages[TRIGGER_STAGE] = trigger.state_dict()
+    return out
+
+
+def restore_trigger(trigger: Trigger | None, store: Store, source: str) -> None:
+    """Give a learned trigger (:attr:`Trigger.learned`) the state its train job stored (the ``trigger``
+    stage), found by following the inputs of ``source`` (a train, defend or evaluate job) back to that train
+    job; nothing for other triggers."""
+    if trigger is None or not trigger.learned:
+        return
+    job, seen = source, set()
+    while (record := store.get(job)) is not None and record.kind != "train" and record.deps and job not in seen:
+        seen.add(job)
+        job = record.deps[0]
+    trigger.load_state_dict(store.load_state(job, TRIGGER_STAGE))
 
 
 def run_evaluate(spec: dict[str, Any], deps: tuple[str, ...], ctx: JobContext) -> JobOutput:
@@ -153,6 +178,7 @@ def run_evaluate(spec: dict[str, Any], deps: tuple[str, ...], ctx: JobContext) -
     model.load_state_dict(ctx.store.load_state(deps[0], spec.get("stage")))
     attack = spec["attack"]
     trigger = build_trigger(attack, model) if attack is not None else None
+    restore_trigger(trigger, ctx.store, deps[0])
     target = attack["target"] if attack is not None else None
     quant = spec.get("quant")
     batch = spec["eval_batch_size"]
@@ -209,6 +235,7 @@ def run_defend(spec: dict[str, Any], deps: tuple[str, ...], ctx: JobContext) -> 
         return build_model(spec["model"], data).to(ctx.device)
 
     trigger = build_trigger(attack, model) if attack else None
+    restore_trigger(trigger, ctx.store, deps[0])
     if "model" not in sees:
         model = fresh_model()
     clean_x, clean_y = defender_data(data, params.get("budget", 0.05) if "clean" in sees else 0.0, spec["seed"])
@@ -232,7 +259,9 @@ def run_defend(spec: dict[str, Any], deps: tuple[str, ...], ctx: JobContext) -> 
 def poisoned_training_data(spec: dict[str, Any], data: TensorData, trigger: Trigger | None) -> PoisonedData:
     """The training set the attacked model of ``spec`` saw, rebuilt with :func:`run_train`'s call (same
     trigger, target, rate, mode and seed), and the mask of its truly poisoned samples (none for a clean
-    model). Not for qcb-objective attacks (their data comes from ``prepare_qcb``)."""
+    model). Not for qcb-objective attacks (their data comes from ``prepare_qcb``). A learned trigger (restored)
+    trained on batches it triggered itself: the defender then sees the seeded poisoned indices carrying the trained
+    trigger, the set its trained generator would publish (BackdoorBench's habit for input-aware)."""
     from bench.defenses.base import PoisonedData
 
     x, y, attack = data.train_x, data.train_y, spec["attack"]

@@ -2,7 +2,7 @@
 
 Public API: the triggers (:class:`BadNets`, :class:`Blend`, :class:`WaNet`, :class:`SIG` registered as
 ``sinusoid``, :class:`Bpp`, :class:`LowFrequency` as ``lowfreq``, :class:`LabelConsistent` as
-``label-consistent``), the patch-level wrapper
+``label-consistent``, the learned :class:`InputAware` as ``inputaware``), the patch-level wrapper
 :class:`BadPatches` with :func:`build_attack_trigger` (and :func:`normalize_grid` for ``trigger_grid``),
 the plan-time check :func:`trigger_problem`, poisoning in its modes (:data:`POISON_MODES`,
 :func:`poison_indices`, :func:`poison_training_set`, :func:`triggered_test_set`, :func:`asr_mask`,
@@ -17,6 +17,7 @@ from bench.attacks.base import Trigger
 from bench.attacks.blend import Blend
 from bench.attacks.bpp import Bpp
 from bench.attacks.checks import trigger_problem
+from bench.attacks.input_aware import InputAware
 from bench.attacks.label_consistent import LabelConsistent
 from bench.attacks.lowfreq import LowFrequency
 from bench.attacks.pictures import trigger_grid_png
@@ -41,6 +42,7 @@ __all__ = [
     "BadPatches",
     "Blend",
     "Bpp",
+    "InputAware",
     "LabelConsistent",
     "LowFrequency",
     "PoisonedSet",
