@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -123,9 +124,9 @@ class InputAware(Trigger):
     accumulate over all steps: we zero them after every step, as its mask network and any optimiser loop do;
     images are the benchmark's [0, 1] tensors, so the pattern needs no normalisation; the generator's
     learning-rate schedule (x0.1 at epochs 200-500 of 1000) is left out (our trainings are far shorter);
-    sides not divisible by ``2 ** steps`` are padded. ``apply: badpatches`` and ``mode: clean-label`` are
-    n/a: the trigger is a learned function of the whole image, and the attack relabels (no clean-label
-    variant in the paper).
+    sides not divisible by ``2 ** steps`` are padded. ``apply: badpatches`` is n/a (the trigger is a learned
+    function of the whole image, with no per-patch form) and ``mode: clean-label`` refused (the attack
+    relabels; the paper has no clean-label variant).
 
     Arguments:
         cross_rate (float): rho_c, the fraction of each batch in cross-trigger mode, in [0, 1). Default: 0.1.
@@ -153,6 +154,8 @@ class InputAware(Trigger):
 
     strength_param: ClassVar[str] = "mask_density"
     learned: ClassVar[bool] = True
+    #: The release's all2one and all2all; it relabels, so no clean-label (the scenario loader refuses it).
+    poison_modes: ClassVar[tuple[str, ...]] = ("dirty", "all-to-all")
 
     def __init__(
         self,
@@ -201,8 +204,6 @@ class InputAware(Trigger):
                 "trigger 'inputaware' is a learned function of the whole image (its generator makes each image's "
                 "pattern and mask), so it has no per-patch form: use apply: image"
             )
-        if attack.get("mode", "dirty") == "clean-label":
-            return "trigger 'inputaware' relabels its backdoor samples (the paper has no clean-label variant)"
         if attack.get("objective"):
             return "trigger 'inputaware' trains with its own objective and cannot take a qcb objective too"
         return None
@@ -321,9 +322,10 @@ class InputAware(Trigger):
         num_classes: int,
         train_cfg: dict[str, Any],
     ) -> JointTraining:
-        reason = self.attack_not_applicable({"mode": mode})
-        if reason is not None:
-            raise ComponentParamsError(reason)
+        if mode not in self.poison_modes:
+            raise ComponentParamsError(
+                f"inputaware: poisons in mode {' or '.join(self.poison_modes)} (it relabels), got mode {mode!r}"
+            )
         start = time.perf_counter()
         metrics: dict[str, Any] = {}
         if self.mask_epochs > 0:
@@ -333,6 +335,22 @@ class InputAware(Trigger):
         metrics["trigger_mask_seconds"] = time.perf_counter() - start
         objective = _JointObjective(self, x, target, rate, num_classes, seed)
         return JointTraining(x, y, objective, objective.finish, metrics)
+
+
+@dataclass
+class JointBatch:
+    """A composed training batch: rows ``[0, n_backdoor)`` carry their own trigger and the backdoor label,
+    rows ``[n_backdoor, n_backdoor + n_cross)`` the trigger of ``others[:n_cross]`` and their true label, the
+    rest are clean. ``others``: the partner images; ``own_pattern`` / ``other_pattern``: ``g`` of the backdoor
+    rows and of ``others``."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    n_backdoor: int
+    n_cross: int
+    others: torch.Tensor
+    own_pattern: torch.Tensor
+    other_pattern: torch.Tensor
 
 
 class _JointObjective:
@@ -372,23 +390,30 @@ class _JointObjective:
             out[clash] = (out[clash] + 1) % n
         return out
 
-    def __call__(self, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    def compose(self, xb: torch.Tensor, yb: torch.Tensor) -> JointBatch:
+        """One training batch as the paper builds it (gradients flow into ``g``)."""
         b = xb.shape[0]
-        nb, nc = int(self.rate * b), int(self.trigger.cross_rate * b)
-        nc = min(nc, b - nb)
+        nb = int(self.rate * b)
+        nc = min(int(self.trigger.cross_rate * b), b - nb)
         k = max(nb, nc)  # partner images: the cross rows' sources, and the backdoor rows' diversity pairs
-        others = self.x[self.partner_rows(b, nb, k).to(self.x.device)]
+        others = self.x[self.partner_rows(b, nb, k).to(self.x.device)].to(xb.dtype)
         if nb + k == 0:
-            return F.cross_entropy(model(xb), yb)
-        pattern, m = self.trigger.pattern_and_mask(torch.cat([xb[:nb], others]).to(xb.dtype))
+            return JointBatch(xb, yb, 0, 0, others, xb[:0], xb[:0])
+        pattern, m = self.trigger.pattern_and_mask(torch.cat([xb[:nb], others]))
         own, other_pattern = pattern[:nb], pattern[nb:]
         backdoor = xb[:nb] + (own - xb[:nb]) * m[:nb]
         crossed = xb[nb : nb + nc] + (other_pattern[:nc] - xb[nb : nb + nc]) * m[nb : nb + nc]
         inputs = torch.cat([backdoor, crossed, xb[nb + nc :]]).clamp(0.0, 1.0)
         labels = torch.cat([backdoor_labels(yb[:nb], self.target, self.num_classes), yb[nb:]])
-        loss = F.cross_entropy(model(inputs), labels)
+        return JointBatch(inputs, labels, nb, nc, others, own, other_pattern)
+
+    def __call__(self, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        batch = self.compose(xb, yb)
+        loss = F.cross_entropy(model(batch.inputs), batch.labels)
+        nb = batch.n_backdoor
         if nb > 0 and self.trigger.lambda_div > 0:
-            loss = loss + self.trigger.lambda_div * diversity(xb[:nb], others[:nb], own, other_pattern[:nb])
+            div = diversity(xb[:nb], batch.others[:nb], batch.own_pattern, batch.other_pattern[:nb])
+            loss = loss + self.trigger.lambda_div * div
         return loss
 
     def after_step(self) -> None:
