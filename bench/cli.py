@@ -218,20 +218,29 @@ def run(
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/quickstart, or its scenario file.")],
-    fmt: Annotated[str, typer.Option("--format", help="md, csv or json.")] = "md",
+    run_dirs: Annotated[list[Path], typer.Argument(help="A run directory, e.g. runs/quickstart, or its scenario "
+                                                   "file; with --format html, several make one page.")],
+    fmt: Annotated[str, typer.Option("--format", help="md, csv, json or html (one self-contained page).")] = "md",
     out_path: Annotated[Path | None, typer.Option("--out", help="Write to this file instead of stdout.")] = None,
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
     """Render the leaderboard of a finished (or partial) run again."""
-    if fmt not in ("md", "csv", "json"):
-        err.print(f"[bold red]error:[/] --format: must be md, csv or json, got {fmt!r}")
+    if fmt not in ("md", "csv", "json", "html"):
+        err.print(f"[bold red]error:[/] --format: must be md, csv, json or html, got {fmt!r}")
+        raise typer.Exit(2)
+    if len(run_dirs) > 1 and fmt != "html":
+        err.print(f"[bold red]error:[/] {len(run_dirs)} runs given: only --format html makes one report of several")
         raise typer.Exit(2)
     try:
-        store = runner.open_run(run_dir, runs_dir)
-        # pictures are linked relative to the file written (absolute on stdout, which has no folder)
-        text = runner.render(store, fmt, relative_to=out_path.parent.resolve() if out_path is not None else None,
-                             picture_dir=out_path.parent / out_path.stem if out_path is not None else None)
+        if fmt == "html":
+            from bench.report_html import render_html
+
+            text = render_html([runner.open_run(d, runs_dir) for d in run_dirs])  # pictures embedded
+        else:
+            store = runner.open_run(run_dirs[0], runs_dir)
+            # pictures are linked relative to the file written (absolute on stdout, which has no folder)
+            text = runner.render(store, fmt, relative_to=out_path.parent.resolve() if out_path is not None else None,
+                                 picture_dir=out_path.parent / out_path.stem if out_path is not None else None)
     except BenchError as exc:
         raise _fail(exc) from None
     if out_path is not None:

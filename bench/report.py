@@ -21,16 +21,16 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from tabulate import tabulate
-
 from bench import __version__
+from bench import document as doc
+from bench.document import Block
+from bench.document import md_text as _md_text
 from bench.errors import ScenarioError
 from bench.metrics import Summary, defense_effectiveness_rating, seed_list, summarize_seeds
 from bench.store import JobRecord
-from bench.transfer import transfer_table
+from bench.transfer import transfer_blocks
 
 HEADLINE_ASR = 0.90
 HEADLINE_CAD = 0.02
@@ -424,21 +424,9 @@ class Footnotes:
             self.texts.append(text)
         return f"[{self.texts.index(text) + 1}]"
 
-    def lines(self) -> list[str]:
-        """The notes as a markdown list (nothing when there are none)."""
-        if not self.texts:
-            return []
-        return [f"- [{i}] {_md_text(t)}" for i, t in enumerate(self.texts, start=1)] + [""]
-
-
-def _grid(table: list[list[Any]], headers: list[str]) -> str:
-    """A github-markdown table whose cells print exactly as formatted ("90.0" stays "90.0")."""
-    return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
-
-
-def _md_text(text: str) -> str:
-    """Text safe inside a markdown table cell or list item (no pipes, no line breaks)."""
-    return " ".join(text.replace("|", "/").split())
+    def blocks(self) -> list[Block]:
+        """The notes as one block (nothing when there are none)."""
+        return doc.notes(self.texts)
 
 
 def _detail(short: str, detail: str, foot: Footnotes | None, inline: str | None = None) -> str:
@@ -631,14 +619,14 @@ def _group_title(dataset: str, model: str, train: str, quant: str = "fp32", defe
     return title
 
 
-def leaderboard_section(rows: list[Row], required: int) -> list[str]:
-    """The leaderboard in markdown: one table per group (fp32, no defense), ranks within it, n shown."""
+def leaderboard_section(rows: list[Row], required: int) -> list[Block]:
+    """The leaderboard: one table per group (fp32, no defense), ranks within it, n shown."""
     board = leaderboard([r for r in rows if r.quant == "fp32" and r.defense == "-"], required)
     if not board:
         return []
-    lines = ["## Leaderboard", "", f"Headline rule: {HEADLINE_RULE}.", "",
-             f"Seeds required: {required} (scenario setting `report: {{min_seeds: N}}`; default: every seed of "
-             "the scenario). n: the seeds both means are over. ASR and CAD in %.", ""]
+    lines = [doc.heading(2, "Leaderboard"), doc.paragraph(f"Headline rule: {HEADLINE_RULE}."),
+             doc.paragraph(f"Seeds required: {required} (scenario setting `report: {{min_seeds: N}}`; default: "
+                           "every seed of the scenario). n: the seeds both means are over. ASR and CAD in %.")]
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
     for e in board:
         groups[(e["dataset"], e["model"], e["train"], e["quant"], e["defense"])].append(e)
@@ -658,7 +646,7 @@ def leaderboard_section(rows: list[Row], required: int) -> list[str]:
         headers = ["rank", "attack", "lowest rate", "ASR there", "CAD there", "n", "best ASR", "note"]
         if not any(t[-1] for t in table):
             headers, table = headers[:-1], [t[:-1] for t in table]
-        lines += [f"### {_group_title(*group)}", "", _grid(table, headers), ""]
+        lines += [doc.heading(3, _group_title(*group)), doc.table(table, headers)]
     return lines
 
 
@@ -699,8 +687,17 @@ def to_markdown(rows: list[Row], meta: dict[str, Any], pictures: list[str] | Non
                 routing_pictures: list[str] | None = None, transfer_pictures: list[str] | None = None,
                 der_pictures: list[str] | None = None) -> str:
     """The report as markdown: header, one Table-1-style table per group, the ranked leaderboard."""
-    lines = [f"# pmoe-bench report: {meta.get('scenario', '?')}", ""]
-    lines.append(
+    return "\n".join(doc.markdown_lines(report_blocks(rows, meta, pictures, routing_pictures, transfer_pictures,
+                                                        der_pictures)))
+
+
+def report_blocks(rows: list[Row], meta: dict[str, Any], pictures: list[str] | None = None,
+                  routing_pictures: list[str] | None = None, transfer_pictures: list[str] | None = None,
+                  der_pictures: list[str] | None = None) -> list[Block]:
+    """The report's sections as blocks (:mod:`bench.document`), rendered as markdown or HTML: header, one
+    Table-1-style table per group, the ranked leaderboard, defenses, quantization, transfer, pictures."""
+    lines = [doc.heading(1, f"pmoe-bench report: {meta.get('scenario', '?')}")]
+    lines.append(doc.paragraph(
         f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by pmoe-bench {meta.get('version', __version__)} "
         f"(commit {meta.get('git_commit', 'unknown')}), device {meta.get('device', '?')}. "
         "Values are percentages, mean ± sample std over seeds (n = seeds with a result; the seeds are named "
@@ -713,40 +710,40 @@ def to_markdown(rows: list[Row], meta: dict[str, Any], pictures: list[str] | Non
         "RA: triggered non-target images still classified correctly. Trigger routed: triggered images on "
         "which some expert's top-k keeps a patch the trigger touched. Routing Jaccard: mean overlap of each "
         "expert's kept patches, clean vs the same image triggered (1 = unchanged)."
-    )
-    lines.append("")
+    ))
     origin = provenance_line(meta.get("provenance") or [])
     if origin:
-        lines += [origin, ""]
+        lines.append(doc.paragraph(origin))
     if meta.get("hardware_warning"):
-        lines += [f"**{meta['hardware_warning']}**", ""]
+        lines.append(doc.paragraph(f"**{meta['hardware_warning']}**"))
     groups: dict[tuple[str, ...], list[Row]] = defaultdict(list)
     for row in rows:
         if row.quant == "fp32" and row.defense == "-":  # quantized and defended results: own tables below
             groups[(row.dataset, row.model, row.train, row.quant, row.defense)].append(row)
     for group, members in groups.items():
-        lines += [f"## {_group_title(*group)}", ""] + main_table(members)
+        lines += [doc.heading(2, _group_title(*group))] + main_table(members)
     lines += leaderboard_section(rows, _required(rows, meta))
     lines += defense_tables(rows)
-    lines += [line for picture in der_pictures or [] for line in (f"![{Path(picture).stem}]({picture})", "")]
+    lines += doc.images(der_pictures)
     lines += detection_table(meta.get("detections", []))
     lines += quantization_tables(rows)
-    lines += transfer_table(rows, transfer_pictures)
+    lines += transfer_blocks(rows, transfer_pictures)
     lines += reference_table(rows, meta.get("reference"))
     if pictures:
-        lines += ["## Triggers", "", "Clean test images beside each attack's triggered version, over the model's "
-                  "patch grid; the lower rows show |x' - x| scaled to its maximum.", ""]
-        for picture in pictures:
-            lines += [f"![{Path(picture).stem}]({picture})", ""]
+        lines += [doc.heading(2, "Triggers"),
+                  doc.paragraph("Clean test images beside each attack's triggered version, over the model's "
+                                "patch grid; the lower rows show |x' - x| scaled to its maximum.")]
+        lines += doc.images(pictures)
     if routing_pictures:
-        lines += ["## Routing pictures", "", "Drawn by `bench analyze`: which patches each expert keeps on clean and "
-                  "triggered images (clean, backdoored and defended models), how often each patch is kept over the "
-                  "test set, and the pixel values of the kept patches.", ""]
-        lines += [f"- [{Path(picture).name}]({picture})" for picture in routing_pictures] + [""]
-    return "\n".join(lines)
+        lines += [doc.heading(2, "Routing pictures"),
+                  doc.paragraph("Drawn by `bench analyze`: which patches each expert keeps on clean and triggered "
+                                "images (clean, backdoored and defended models), how often each patch is kept over "
+                                "the test set, and the pixel values of the kept patches."),
+                  doc.links(routing_pictures)]
+    return lines
 
 
-def main_table(members: list[Row]) -> list[str]:
+def main_table(members: list[Row]) -> list[Block]:
     """One Table-1-style table: attack x poison rate -> ASR, BA, CAD, RA (and routing), notes below."""
     foot = Footnotes()
     show_routing = any(r.routed.n or r.jaccard.n for r in members)
@@ -762,10 +759,10 @@ def main_table(members: list[Row]) -> list[str]:
     headers.append("note")
     if not any(t[-1] for t in table):
         headers, table = headers[:-1], [t[:-1] for t in table]
-    out = [_grid(table, headers), ""]
+    out = [doc.table(table, headers)]
     if show_routing and any(r.routed_all_patches for r in members):
-        out += [ALL_PATCHES_NOTE, ""]
-    return out + foot.lines()
+        out.append(doc.paragraph(ALL_PATCHES_NOTE))
+    return out + foot.blocks()
 
 
 # -- defenses --------------------------------------------------------------------------------------------
@@ -783,26 +780,26 @@ def threat_model(name: str) -> str | None:
         return None
 
 
-def threat_legend(sees: dict[str, str | None]) -> list[str]:
+def threat_legend(sees: dict[str, str | None]) -> list[Block]:
     """One line naming each defense's threat model (what it sees), or nothing."""
     known = {name: label for name, label in sees.items() if label}
     if not known:
         return []
-    return ["Threat models (what each defense sees; model: the attacked model's weights, clean: the defender's "
-            "clean share, poisoned: the attacker's poisoned training set): "
-            + "; ".join(f"{name}: {label}" for name, label in sorted(known.items())) + ".", ""]
+    return [doc.paragraph("Threat models (what each defense sees; model: the attacked model's weights, clean: the "
+                          "defender's clean share, poisoned: the attacker's poisoned training set): "
+                          + "; ".join(f"{name}: {label}" for name, label in sorted(known.items())) + ".")]
 
 
-def defense_tables(rows: list[Row]) -> list[str]:
+def defense_tables(rows: list[Row]) -> list[Block]:
     """Defenses as the BadPatches paper's Table 3 (BA and ASR before the defense and after each stage,
     per attack and poison rate), then a leaderboard of defenses ranked by mean DER, per attack (fp32)."""
     defended = [r for r in rows if r.defense != "-" and r.quant == "fp32"]
     if not defended:
         return []
-    lines = ["## Defenses", "",
-             "BA and ASR (%) before the defense and after each stage; DER (BackdoorBench) = "
-             "[max(0, ASR drop) - max(0, BA drop) + 1] / 2 per seed against the same model before the defense, "
-             "1 is best, 0.5 means no effect.", ""]
+    lines = [doc.heading(2, "Defenses"),
+             doc.paragraph("BA and ASR (%) before the defense and after each stage; DER (BackdoorBench) = "
+                           "[max(0, ASR drop) - max(0, BA drop) + 1] / 2 per seed against the same model before the "
+                           "defense, 1 is best, 0.5 means no effect.")]
     lines += threat_legend({n: threat_model(n) for n in sorted({r.specs["defense"]["name"] for r in defended
                                                                 if r.specs.get("defense")})})
     before = {(r.dataset, r.model, r.train, r.attack, r.poison_rate): r
@@ -813,7 +810,7 @@ def defense_tables(rows: list[Row]) -> list[str]:
     for key, members in groups.items():
         dataset, model, train, attack, rate = key
         what = f"{attack} at {_pct(rate)}" if rate is not None else f"{attack} model (no attack)"
-        lines += [f"### {_group_title(dataset, model, train)} · {what}", ""]
+        lines.append(doc.heading(3, f"{_group_title(dataset, model, train)} · {what}"))
         foot = Footnotes()
         ref = before.get(key)
         table = [["before defense", cell_text(ref, "ba"), cell_text(ref, "asr"), "-",
@@ -823,7 +820,7 @@ def defense_tables(rows: list[Row]) -> list[str]:
         headers = ["stage", "BA", "ASR", "DER", "note"]
         if not any(t[-1] for t in table):
             headers, table = headers[:-1], [t[:-1] for t in table]
-        lines += [_grid(table, headers), ""] + foot.lines()
+        lines += [doc.table(table, headers)] + foot.blocks()
     ranked = sorted([r for r in defended if r.attack != "clean"],  # DER needs a backdoor to remove
                     key=lambda r: (r.dataset, r.model, natural(r.train), r.attack,
                                              -(r.der.mean if r.der.n else -1)))
@@ -833,7 +830,7 @@ def defense_tables(rows: list[Row]) -> list[str]:
         cell_text(r, "ba")] for r in ranked]
     headers = ["dataset", "model"] + (["train"] if show_train else []) + [
         "attack", "poison rate", "defense / stage", "DER", "ASR", "BA"]
-    lines += ["### Defense leaderboard (by DER)", "", _grid(table, headers), ""]
+    lines += [doc.heading(3, "Defense leaderboard (by DER)"), doc.table(table, headers)]
     return lines
 
 
@@ -944,7 +941,7 @@ def _detection_text(entry: dict[str, Any]) -> str:
     return _md_text(", ".join(parts))
 
 
-def detection_table(entries: list[dict[str, Any]]) -> list[str]:
+def detection_table(entries: list[dict[str, Any]]) -> list[Block]:
     """Detection results, one line per defense setting, attacked model and stage."""
     if not entries:
         return []
@@ -972,12 +969,13 @@ def detection_table(entries: list[dict[str, Any]]) -> list[str]:
         "attack", "poison rate", "defense", "stage", "n", "metrics", "note"]
     if not any(t[-1] for t in table):
         headers, table = headers[:-1], [t[:-1] for t in table]
-    return ["## Defense metrics", "",
-            "What each defense measured on its own terms (detection: flagged class, anomaly index; "
-            "STRIP: false rejection / acceptance, AUROC): quantities as mean ± std over the n seeds (NaN values "
-            "left out, their n shown), labels such as the flagged class as value ×count (seeds), never averaged.",
-            "", *threat_legend({e["defense"].split(" (")[0]: e.get("sees") for e in entries}),
-            _grid(table, headers), ""] + foot.lines()
+    return [doc.heading(2, "Defense metrics"),
+            doc.paragraph("What each defense measured on its own terms (detection: flagged class, anomaly index; "
+                          "STRIP: false rejection / acceptance, AUROC): quantities as mean ± std over the n seeds "
+                          "(NaN values left out, their n shown), labels such as the flagged class as value ×count "
+                          "(seeds), never averaged."),
+            *threat_legend({e["defense"].split(" (")[0]: e.get("sees") for e in entries}),
+            doc.table(table, headers)] + foot.blocks()
 
 
 # -- published values ----------------------------------------------------------------------------------
@@ -1147,7 +1145,7 @@ def reference_entries(rows: list[Row], reference: dict[str, Any] | None) -> list
     return out
 
 
-def reference_table(rows: list[Row], reference: dict[str, Any] | None) -> list[str]:
+def reference_table(rows: list[Row], reference: dict[str, Any] | None) -> list[Block]:
     """Ours beside the published values of the scenario's ``reference`` block, cell by cell (fp32)."""
     entries = reference_entries(rows, reference)
     if not entries:
@@ -1172,11 +1170,11 @@ def reference_table(rows: list[Row], reference: dict[str, Any] | None) -> list[s
         table.append(line + [_md_text(e["note"] or "")])
     headers = ["dataset", "trigger", "apply", "poison rate", "our cell", "n", "ASR ours", "ASR theirs", "Δ",
                "BA ours", "BA theirs", "Δ", "CAD ours", "CAD theirs", "Δ", "note"]
-    return [f"## Published values: {reference.get('source', '')}", "",
-            "Ours (mean over the n seeds, fp32, no defense) beside the published numbers; Δ = ours - theirs, "
-            "in points. A reference row names one cell of ours (dataset, trigger, apply, poison rate, and its "
-            "model, model_params, params, dataset_params and train fields when given).",
-            "", _grid(table, headers), ""]
+    return [doc.heading(2, f"Published values: {reference.get('source', '')}"),
+            doc.paragraph("Ours (mean over the n seeds, fp32, no defense) beside the published numbers; Δ = ours - "
+                          "theirs, in points. A reference row names one cell of ours (dataset, trigger, apply, poison "
+                          "rate, and its model, model_params, params, dataset_params and train fields when given)."),
+            doc.table(table, headers)]
 
 
 # -- quantization ----------------------------------------------------------------------------------------
@@ -1207,7 +1205,7 @@ def _pair(row: Row | None) -> tuple[str, tuple[int, ...] | None]:
     return text, row.ba.seeds
 
 
-def quantization_tables(rows: list[Row]) -> list[str]:
+def quantization_tables(rows: list[Row]) -> list[Block]:
     """The quantized-backdoor paper's layouts, when the scenario has a quantization axis.
 
     * Accuracy under quantization (its Table 1): clean models per training setting (QAT rows included)
@@ -1217,10 +1215,10 @@ def quantization_tables(rows: list[Row]) -> list[str]:
     """
     if all(r.quant == "fp32" for r in rows):
         return []
-    lines = ["## Accuracy under quantization", "",
-             "Clean models. PTQ: post-training quantization of the trained weights (Eq. 2); "
-             "train: the training setting (qat_bits = quantization-aware training). Δ: BA change against fp32, "
-             "over the same seeds.", ""]
+    lines = [doc.heading(2, "Accuracy under quantization"),
+             doc.paragraph("Clean models. PTQ: post-training quantization of the trained weights (Eq. 2); "
+                           "train: the training setting (qat_bits = quantization-aware training). Δ: BA change "
+                           "against fp32, over the same seeds.")]
     fp32 = {(r.dataset, r.model, r.train, r.defense, r.attack, r.poison_rate): r for r in rows if r.quant == "fp32"}
     show_defense = any(r.attack == "clean" and r.defense != "-" for r in rows)  # defend_clean
     table = []
@@ -1237,13 +1235,13 @@ def quantization_tables(rows: list[Row]) -> list[str]:
         table.append([r.dataset, r.model, r.train] + ([r.defense] if show_defense else [])
                      + [r.quant, cell_text(r, "ba", scale=100, digits=2), delta])
     headers = ["dataset", "model", "train"] + (["defense"] if show_defense else []) + ["PTQ", "BA", "Δ vs fp32"]
-    lines += [_grid(table, headers), ""]
+    lines.append(doc.table(table, headers))
 
     bits = sorted({_bits(r.quant) for r in rows}, key=_bits_order)
-    lines += ["## Dormancy", "",
-              "BA / ASR (%) of each attacked model at fp32 and after PTQ at each bit-width, per scope and variant, "
-              "mean over the n seeds (named in a cell whose seeds differ from its line's). "
-              "Dormancy gap = ASR at the target bit-width - ASR at fp32.", ""]
+    lines += [doc.heading(2, "Dormancy"),
+              doc.paragraph("BA / ASR (%) of each attacked model at fp32 and after PTQ at each bit-width, per scope "
+                            "and variant, mean over the n seeds (named in a cell whose seeds differ from its line's). "
+                            "Dormancy gap = ASR at the target bit-width - ASR at fp32.")]
     cells: dict[tuple[Any, ...], dict[str, Row]] = defaultdict(dict)
     for r in rows:
         if r.attack == "clean":
@@ -1265,7 +1263,7 @@ def quantization_tables(rows: list[Row]) -> list[str]:
                          + [attack, _pct(rate), variant, n if seed_sets else "-", *shown])
     headers = (["dataset", "model"] + (["train"] if show_train else []) + (["defense"] if show_defense else [])
                + ["attack", "poison rate", "scope/variant", "n", *bits])
-    lines += [_grid(table, headers), ""]
+    lines.append(doc.table(table, headers))
     return lines
 
 

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tabulate import tabulate
-
+from bench import document as doc
 from bench.heatmap import Heatmap, draw_heatmap, slug
 
 #: Column of a model without an objective (plain data poisoning): it was trained against no quantizer.
@@ -115,14 +114,20 @@ def _seeds(line: TransferLine) -> str:
 
 def transfer_table(rows: Iterable[Any], pictures: list[str] | None = None) -> list[str]:
     """The markdown section: one table per data set x model, lines = attacked models, columns = configs."""
+    return doc.markdown_lines(transfer_blocks(rows, pictures))
+
+
+def transfer_blocks(rows: Iterable[Any], pictures: list[str] | None = None) -> list[doc.Block]:
+    """The section as report blocks (:mod:`bench.document`), for the markdown report and the HTML page."""
     lines = transfer_lines(rows)
     if not lines:
         return []
-    out = ["## Transfer matrix", "",
-           "Where does a quantization-conditioned backdoor wake? One line per attacked model, by the quantizer "
-           f"its attack was trained against ('{PLAIN}': an ordinary backdoor, for contrast); one column per "
-           "evaluated quantizer: the fake quantizer (Eq. 2) by label, an integer back-end as `label@backend`. "
-           "Cells: ASR (BA), percent, mean over n seeds; n/a: the back-end cannot apply that config.", ""]
+    out = [doc.heading(2, "Transfer matrix"),
+           doc.paragraph("Where does a quantization-conditioned backdoor wake? One line per attacked model, by the "
+                         f"quantizer its attack was trained against ('{PLAIN}': an ordinary backdoor, for contrast); "
+                         "one column per evaluated quantizer: the fake quantizer (Eq. 2) by label, an integer "
+                         "back-end as `label@backend`. Cells: ASR (BA), percent, mean over n seeds; n/a: the "
+                         "back-end cannot apply that config.")]
     groups: dict[tuple[str, str], list[TransferLine]] = defaultdict(list)
     for line in lines:
         groups[(line.dataset, line.model)].append(line)
@@ -137,10 +142,8 @@ def transfer_table(rows: Iterable[Any], pictures: list[str] | None = None) -> li
                          + [cell_text(m.cells.get(c)) for c in cols])
         headers = (["trained against", "attack"] + (["train"] if show_train else [])
                    + (["poison rate"] if show_rate else []) + ["n", *cols])
-        out += [f"### {dataset}, {model}", "", tabulate(table, headers=headers, tablefmt="github"), ""]
-    for picture in pictures or []:
-        out += [f"![{Path(picture).stem}]({picture})", ""]
-    return out
+        out += [doc.heading(3, f"{dataset}, {model}"), doc.table(table, headers, numparse=True)]
+    return out + doc.images(pictures)
 
 
 def draw_transfer(rows: Iterable[Any], folder: Path) -> list[Path]:
