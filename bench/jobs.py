@@ -15,7 +15,7 @@ from bench.attacks import build_attack_trigger
 from bench.attacks.base import TRIGGER_STAGE, Trigger
 from bench.attacks.poison import poison_training_set
 from bench.data.base import TensorData
-from bench.errors import JobFailed
+from bench.errors import JobFailed, StoreError
 from bench.evaluate import evaluate
 from bench.models.base import BenchModel
 from bench.plan import Job
@@ -109,7 +109,7 @@ def run_train(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
                 spec["poison_rate"], spec["seed"],
             )
             x, y, objective, finish = qcb.x, qcb.y, qcb.objective, qcb.finish
-        elif trigger.learned:  # a trigger trained with the classifier (its own data and objective)
+        elif getattr(trigger, "learned", False):  # a trigger trained with the classifier (its own data and objective)
             joint = trigger.joint_training(
                 model, x, y, target=attack["target"], rate=spec["poison_rate"], seed=spec["seed"],
                 mode=attack.get("mode", "dirty"), num_classes=data.num_classes, train_cfg=spec["train"],
@@ -145,7 +145,7 @@ def run_train(spec: dict[str, Any], ctx: JobContext) -> JobOutput:
     if result.compile_frames is not None:
         metrics.update(compile_frames=result.compile_frames, compile_recompiles=result.compile_recompiles)
     out = JobOutput(metrics, model.state_dict())
-    if trigger is not None and trigger.learned:  # stored beside the model, restored by restore_trigger
+    if getattr(trigger, "learned", False):  # stored beside the model, restored by restore_trigger
         out.stages[TRIGGER_STAGE] = trigger.state_dict()
     return out
 
@@ -154,12 +154,14 @@ def restore_trigger(trigger: Trigger | None, store: Store, source: str) -> None:
     """Give a learned trigger (:attr:`Trigger.learned`) the state its train job stored (the ``trigger``
     stage), found by following the inputs of ``source`` (a train, defend or evaluate job) back to that train
     job; nothing for other triggers."""
-    if trigger is None or not trigger.learned:
+    if not getattr(trigger, "learned", False):
         return
     job, seen = source, set()
     while (record := store.get(job)) is not None and record.kind != "train" and record.deps and job not in seen:
         seen.add(job)
         job = record.deps[0]
+    if record is not None and record.kind == "train" and not record.spec.get("attack"):
+        raise StoreError(f"{store.root}: job {job} trained a clean model, which has no learned trigger to restore")
     trigger.load_state_dict(store.load_state(job, TRIGGER_STAGE))
 
 

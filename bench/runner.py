@@ -25,6 +25,7 @@ from bench.execute.pool import execute_parallel
 from bench.execute.ray_cluster import RayCluster, check_shares, execute_ray
 from bench.jobs import DatasetCache, JobContext
 from bench.provenance import mixed_hardware_warning
+from bench.registry import REGISTRY
 from bench.store import JobRecord, Store, git_commit, open_existing, remove_store
 from bench.train import resolve_device
 from bench.transfer import draw_transfer
@@ -143,10 +144,13 @@ def _check_declared(dataset: dict[str, Any], data: TensorData) -> None:
 PICTURE_IMAGES = 4
 
 
-def trigger_pictures(prepared: Prepared, dataset_of: DatasetOf, out_dir: Path) -> list[Path]:
+def trigger_pictures(
+    prepared: Prepared, dataset_of: DatasetOf, out_dir: Path, store: Store | None = None
+) -> list[Path]:
     """One PNG per data set x model: clean test images beside every attack's triggered version
     (like Figures 2 and 3 of the BadPatches paper), drawn over the model's patch grid. Needs no trained
-    model: the grid comes from the model's architecture."""
+    model: the grid comes from the model's architecture. A learned trigger (input-aware's generator) is drawn
+    only with a ``store`` holding a train job of its cell, as that job trained it (:func:`learned_trigger`)."""
     from bench.attacks.pictures import trigger_grid_png
     from bench.jobs import build_model, build_trigger
 
@@ -166,7 +170,11 @@ def trigger_pictures(prepared: Prepared, dataset_of: DatasetOf, out_dir: Path) -
                 if label in triggers:
                     label = f"{label} #{len(triggers) + 1}"
                 try:
-                    triggers[label] = build_trigger(attack, model)
+                    trigger = build_trigger(attack, model)
+                    learned = getattr(trigger, "learned", False)
+                    if learned and not learned_trigger(trigger, prepared, store, dataset, model_spec, attack):
+                        continue  # not trained yet: run() draws it once its train job is done
+                    triggers[label] = trigger
                 except BenchError:
                     continue  # e.g. badpatches on a model without a routing grid
             if not triggers:
@@ -175,6 +183,26 @@ def trigger_pictures(prepared: Prepared, dataset_of: DatasetOf, out_dir: Path) -
             title = f"{dataset['name']} / {model_spec['name']}: clean vs triggered"
             written.append(trigger_grid_png(data.test_x[pick].cpu(), triggers, path, model.patch_grid, title))
     return written
+
+
+def learned_trigger(trigger: Any, prepared: Prepared, store: Store | None, dataset: dict[str, Any],
+                    model: dict[str, Any], attack: dict[str, Any]) -> bool:
+    """Restore a learned trigger from the first stored train job of its data set, model and attack (the
+    scenario's first poison rate, seed and train setting that has one); False when none is stored."""
+    from bench.jobs import restore_trigger
+
+    if store is None:
+        return False
+    done = store.done_ids()
+    for cell in prepared.plan.cells:
+        if (cell.attack is attack and cell.dataset is dataset and cell.model is model and cell.train_job in done
+                and cell.defense is None):
+            try:
+                restore_trigger(trigger, store, cell.train_job)
+            except BenchError:
+                continue
+            return True
+    return False
 
 
 def show_triggers(path: str | Path, out_dir: str | Path | None = None, plugins: list[str] | None = None,
@@ -281,6 +309,11 @@ def run_prepared(
                                        plugin_files=prepared.resolved.plugin_files)
         else:
             summary = execute(prepared.plan, store, dev, reporter, ctx=ctx)
+        factories = [REGISTRY.get("trigger", a["name"]).factory for a in prepared.resolved.attacks]
+        if any(getattr(f, "learned", False) for f in factories):
+            # learned triggers (input-aware) exist only now: draw the pictures again with them
+            pictures = trigger_pictures(prepared, DatasetCache(torch.device("cpu")), Path(reports_dir) / name, store)
+            store.set_meta("pictures", [str(p.resolve()) for p in pictures])
     finally:
         if cluster is not None:
             cluster.close()

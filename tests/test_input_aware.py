@@ -183,7 +183,9 @@ def test_cli_lists_it_and_refuses_a_bad_parameter_with_exit_2(write_scenario) ->
 # --- end to end: train job stores the generator, evaluation and defense restore it --------------------------------
 
 
-def test_cli_run_end_to_end_stores_and_restores_the_generator(write_scenario, tmp_path, one_thread) -> None:
+def test_cli_run_end_to_end_stores_and_restores_the_generator(
+    write_scenario, tmp_path, one_thread, monkeypatch
+) -> None:
     scenario = tiny_scenario(
         name="ia",
         models=[TINY_PMOE],
@@ -224,3 +226,19 @@ def test_cli_run_end_to_end_stores_and_restores_the_generator(write_scenario, tm
     assert not torch.equal(first(x), untrained)  # the stored generator, not the untrained one
     report = next((tmp_path / "reports").rglob("*.md")).read_text()
     assert "inputaware" in report
+    # the trigger picture is drawn once the generator is trained (none before: it is not trained yet)
+    pictures = store.get_meta("pictures")
+    assert len(pictures) == 1 and pictures[0].endswith(".png")
+    # bench analyze triggers the test set with the stored generator too
+    from bench.analysis import study
+
+    restored = []
+
+    def spy(trigger, store, source):
+        restore_trigger(trigger, store, source)
+        restored.append(torch.equal(trigger(x), second(x)))
+
+    monkeypatch.setattr(study, "restore_trigger", spy)
+    results = study.analyze_run(tmp_path / "runs" / "ia", tmp_path / "analysis", study.AnalysisOptions(images=1))
+    assert results and all(r.metrics for r in results)
+    assert restored and restored[-1]  # the trigger analyze applied is the stored generator

@@ -27,7 +27,7 @@ from bench.analysis.routing import (
 )
 from bench.attacks.poison import asr_mask, triggered_test_set
 from bench.errors import BenchError, StoreError
-from bench.jobs import JobContext, build_trigger
+from bench.jobs import JobContext, build_trigger, restore_trigger
 from bench.store import Store, open_existing
 from bench.train import resolve_device
 
@@ -120,7 +120,7 @@ def _analyze_group(
         raise NoRoutingError(f"model '{group.model['name']}' has no routing (no patch grid); `bench analyze` "
                              "needs a patch-level MoE model such as pmoe or pmoe-paper")
     grid = tuple(first.patch_grid)
-    clean_x, triggered_x, trigger = _image_sets(group, data.test_x, data.test_y, first, opts)
+    clean_x, triggered_x, trigger = _image_sets(group, data.test_x, data.test_y, first, opts, store)
     touch = patch_touch_mask(trigger, tuple(clean_x.shape[1:]), grid) if trigger is not None else None
     clean_sel, trig_sel, metrics = {}, {}, {}
     records = store.records([ref.eval_job for ref in group.models])
@@ -143,7 +143,8 @@ def _analyze_group(
 
 
 def _image_sets(
-    group: Group, test_x: torch.Tensor, test_y: torch.Tensor, model: torch.nn.Module, opts: AnalysisOptions
+    group: Group, test_x: torch.Tensor, test_y: torch.Tensor, model: torch.nn.Module, opts: AnalysisOptions,
+    store: Store | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
     """The clean images, the same images triggered (the ASR set) and the trigger, or only the clean test
     set for a clean-only group; a seeded subset of ``opts.test_images`` when given."""
@@ -154,6 +155,13 @@ def _image_sets(
     if group.attack is None:
         return test_x, None, None
     trigger = build_trigger(group.attack, model)  # type: ignore[arg-type]
+    if store is not None and getattr(trigger, "learned", False):  # input-aware: the generator its train job stored
+        for ref in group.models:
+            try:
+                restore_trigger(trigger, store, ref.train_job or ref.eval_job)
+                break
+            except StoreError:
+                continue
     target = group.attack["target"]
     triggered, _ = triggered_test_set(test_x, test_y, trigger, target)
     if len(triggered) == 0:
