@@ -53,6 +53,9 @@ METRICS = ("ba", "asr", "ra", "cad", "der", "routed", "jaccard")
 METRIC_NAMES = {"ba": "BA", "asr": "ASR", "ra": "RA", "cad": "CAD", "der": "DER", "routed": "trigger routed",
                 "jaccard": "routing Jaccard"}
 ALL_PATCHES = "all patches"
+#: How the line plots' bands are drawn (:data:`bench.plots.base.BAND_RULE`), said in their captions.
+PLOT_BAND = ("bands: min-max over the seeds where a point has 2, mean ± sample std where it has 3 or more, "
+             "none for 1")
 ALL_PATCHES_NOTE = (f"{ALL_PATCHES}: the trigger touches every patch, so some expert keeps a touched patch on "
                     "every image (trigger routed = 1 by construction, not a finding); the routing Jaccard "
                     "says how much the trigger moves the routing.")
@@ -68,7 +71,8 @@ class SeedRun:
     ``status``: ok, pending (no stored record yet), failed (``metrics["failed"]``) or n/a (the job's
     ``metrics["not_applicable"]``, or a cell planned as not applicable). ``gaps``: metric -> (short, detail)
     why an ok seed has no value for it (a CAD without a usable clean baseline). ``notes``: (short, detail)
-    remarks on the seed itself (a clean model at chance)."""
+    remarks on the seed itself (a clean model at chance). ``train_job``: the cell's train job (its stored
+    per-epoch losses feed the training curves, :mod:`bench.plots.training_curves`)."""
 
     seed: int
     eval_job: str = ""
@@ -81,6 +85,7 @@ class SeedRun:
     gaps: dict[str, tuple[str, str]] = field(default_factory=dict)
     notes: list[tuple[str, str]] = field(default_factory=list)
     touch_share: float | None = None
+    train_job: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: job ids, status, reason and the values (NaN as null)."""
@@ -133,7 +138,7 @@ def at_chance(metrics: dict[str, Any]) -> str | None:
 def seed_run(cell: dict[str, Any], records: dict[str, JobRecord]) -> SeedRun:
     """What one cell (one seed) contributes: its values, or its status and why."""
     run = SeedRun(int(cell["seed"]), cell.get("eval_job") or "", cell.get("clean_eval_job") or "",
-                  cell.get("base_eval_job") or None)
+                  cell.get("base_eval_job") or None, train_job=cell.get("train_job") or "")
     if cell.get("not_applicable"):
         run.status, run.reason = NOT_APPLICABLE, str(cell["not_applicable"])
         return run
@@ -685,17 +690,21 @@ def _required(rows: list[Row], meta: dict[str, Any]) -> int:
 
 def to_markdown(rows: list[Row], meta: dict[str, Any], pictures: list[str] | None = None,
                 routing_pictures: list[str] | None = None, transfer_pictures: list[str] | None = None,
-                der_pictures: list[str] | None = None) -> str:
+                der_pictures: list[str] | None = None, plots: dict[str, list[str]] | None = None) -> str:
     """The report as markdown: header, one Table-1-style table per group, the ranked leaderboard."""
     return "\n".join(doc.markdown_lines(report_blocks(rows, meta, pictures, routing_pictures, transfer_pictures,
-                                                        der_pictures)))
+                                                        der_pictures, plots)))
 
 
 def report_blocks(rows: list[Row], meta: dict[str, Any], pictures: list[str] | None = None,
                   routing_pictures: list[str] | None = None, transfer_pictures: list[str] | None = None,
-                  der_pictures: list[str] | None = None) -> list[Block]:
+                  der_pictures: list[str] | None = None, plots: dict[str, list[str]] | None = None) -> list[Block]:
     """The report's sections as blocks (:mod:`bench.document`), rendered as markdown or HTML: header, one
-    Table-1-style table per group, the ranked leaderboard, defenses, quantization, transfer, pictures."""
+    Table-1-style table per group, the ranked leaderboard, defenses, quantization, transfer, pictures.
+
+    ``plots``: the line plots by kind (:func:`bench.plots.draw_plots`: ``asr``, ``dormancy``, ``training``),
+    each placed in its section with a caption; none without them."""
+    plots = plots or {}
     lines = [doc.heading(1, f"pmoe-bench report: {meta.get('scenario', '?')}")]
     lines.append(doc.paragraph(
         f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by pmoe-bench {meta.get('version', __version__)} "
@@ -723,12 +732,26 @@ def report_blocks(rows: list[Row], meta: dict[str, Any], pictures: list[str] | N
     for group, members in groups.items():
         lines += [doc.heading(2, _group_title(*group))] + main_table(members)
     lines += leaderboard_section(rows, _required(rows, meta))
+    if plots.get("asr"):
+        lines += [doc.heading(2, "ASR and BA vs poison rate"),
+                  doc.paragraph(f"Per data set and model, one line per attack: mean ASR and BA (%) over seeds at each "
+                                f"poison rate (the tables' numbers), the clean model's BA dashed; {PLOT_BAND}.")]
+        lines += doc.images(plots["asr"])
     lines += defense_tables(rows)
     lines += doc.images(der_pictures)
     lines += detection_table(meta.get("detections", []))
     lines += quantization_tables(rows)
+    if plots.get("dormancy"):
+        lines.append(doc.paragraph(f"The Dormancy table as pictures: BA and ASR (%) of each attacked model at fp32 and "
+                                   f"each bit-width, one line per scope/variant (line style: back-end); {PLOT_BAND}."))
+        lines += doc.images(plots["dormancy"])
     lines += transfer_blocks(rows, transfer_pictures)
     lines += reference_table(rows, meta.get("reference"))
+    if plots.get("training"):
+        lines += [doc.heading(2, "Training curves"),
+                  doc.paragraph(f"Mean training loss of each epoch as the train jobs stored it, one panel per attack, "
+                                f"one line per poison rate, the clean model dashed; {PLOT_BAND}.")]
+        lines += doc.images(plots["training"])
     if pictures:
         lines += [doc.heading(2, "Triggers"),
                   doc.paragraph("Clean test images beside each attack's triggered version, over the model's "

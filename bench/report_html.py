@@ -24,6 +24,7 @@ import yaml
 from bench import document as doc
 from bench import report as reporting
 from bench.der_heatmap import draw_der
+from bench.plots import draw_plots
 from bench.store import Store
 from bench.transfer import draw_transfer
 
@@ -260,6 +261,7 @@ def run_section(store: Store, index: int, taken: set[str], shift: int) -> RunPag
             routing_pictures=runner._relative_pictures(store, None, "analysis_pictures"),
             transfer_pictures=[str(p) for p in draw_transfer(rows, folder)],
             der_pictures=[str(p) for p in draw_der(rows, folder)],
+            plots={k: [str(p) for p in v] for k, v in draw_plots(rows, folder, store).items()},
         )
         if blocks and blocks[0].kind == doc.HEADING and blocks[0].level == 1:
             blocks = blocks[1:]  # the report's title: the page's header (one run) or the run's heading

@@ -24,6 +24,7 @@ from bench.execute.local import ExecutionSummary, Reporter, execute
 from bench.execute.pool import execute_parallel
 from bench.execute.ray_cluster import RayCluster, check_shares, execute_ray
 from bench.jobs import DatasetCache, JobContext
+from bench.plots import draw_plots
 from bench.provenance import mixed_hardware_warning
 from bench.registry import REGISTRY
 from bench.store import JobRecord, Store, git_commit, open_existing, remove_store
@@ -435,9 +436,10 @@ def render(store: Store, fmt: str = "md", relative_to: Path | None = None, pictu
 
     transfer = shown(draw_transfer(rows, picture_dir)) if picture_dir is not None else []
     der = shown(draw_der(rows, picture_dir)) if picture_dir is not None else []
+    plots = {k: shown(v) for k, v in draw_plots(rows, picture_dir, store).items()} if picture_dir is not None else {}
     return reporting.to_markdown(rows, meta, pictures=_relative_pictures(store, relative_to),
                                  routing_pictures=_relative_pictures(store, relative_to, "analysis_pictures"),
-                                 transfer_pictures=transfer, der_pictures=der)
+                                 transfer_pictures=transfer, der_pictures=der, plots=plots)
 
 
 def _relative_pictures(store: Store, relative_to: Path | None, key: str = "pictures") -> list[str]:
