@@ -251,6 +251,28 @@ def report(
         typer.echo(text)
 
 
+@app.command("export")
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/quickstart, or its scenario file.")],
+    to: Annotated[str, typer.Option("--to", help="mlflow or tensorboard.")],
+    uri: Annotated[str | None, typer.Option("--uri", help="mlflow: the tracking URI (default sqlite:///<run>/"
+                                            "mlflow.db); tensorboard: the output folder (default <run>/tensorboard).")]
+    = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+) -> None:
+    """Export every job of a run to MLflow or TensorBoard: one tracked run per job (needs the optional
+    extra "track")."""
+    from bench import export as exporting
+
+    try:
+        exporting.require(to)
+        summary = exporting.export(runner.open_run(run_dir, runs_dir), to, uri)
+    except BenchError as exc:
+        raise _fail(exc) from None
+    err.print(escape(summary.line()), highlight=False, soft_wrap=True)
+    typer.echo(summary.where)
+
+
 @app.command("show-triggers")
 def show_triggers(
     scenario: ScenarioArg,
