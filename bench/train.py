@@ -173,7 +173,9 @@ def fit(
     An objective with a ``before_batch(indices)`` method gets each batch's training-set indices as a host
     tensor before it is called (qcb finds its triggered rows there without reading the device); one with an
     ``after_step()`` method is called after every optimizer step (a learned trigger steps its own optimizer
-    there: the loss's backward pass filled its gradients too, see :class:`bench.attacks.base.JointTraining`).
+    there: the loss's backward pass filled its gradients too, see :class:`bench.attacks.base.JointTraining`);
+    one with a ``bind_optimizer(optimizer)`` method gets the optimizer before the first step (qcb's repair
+    phase runs at its own learning rate).
     With ``cfg["compile"]`` the full batches run through the compiled forward of the model's architecture
     (:func:`compiled_forward`, backend ``compile_backend``, else ``$PMOE_BENCH_COMPILE_BACKEND``, else
     inductor) and the last partial batch through the plain module: one more batch shape would add a
@@ -212,6 +214,8 @@ def fit(
     )
     before_batch = getattr(objective, "before_batch", None)
     after_step = getattr(objective, "after_step", None)
+    if (bind_optimizer := getattr(objective, "bind_optimizer", None)) is not None:
+        bind_optimizer(optimizer)
     result = TrainResult()
     was_training = model.training
     model.train()

@@ -308,12 +308,46 @@ def test_repair_moves_fp32_weights_but_keeps_the_quantized_model_bit_exact() -> 
 
 
 def test_fields_added_later_stay_out_of_the_dump_at_their_defaults() -> None:
-    """Objectives written before target_backend / repair_hold / cell_margin keep their content hash."""
-    assert set(QCBSpec().model_dump()).isdisjoint({"target_backend", "repair_hold", "cell_margin"})
+    """Objectives written before target_backend / repair_hold / cell_margin / repair_lr keep their content hash."""
+    assert set(QCBSpec().model_dump()).isdisjoint({"target_backend", "repair_hold", "cell_margin", "repair_lr"})
     spec = QCBSpec(target_backend="torchao", target_bits=8, repair_hold="quantized", cell_margin=0.1)
     dumped = spec.model_dump()
     assert dumped["target_backend"] == "torchao" and dumped["cell_margin"] == 0.1
     assert QCBSpec.model_validate(dumped) == spec
+
+
+def test_repair_lr_sets_the_rate_of_every_repair_step_and_no_other() -> None:
+    """repair_lr overrides the schedule in the repair phase only: the attack-phase steps keep the cosine rate
+    (read from the optimizer as each step runs), the repair steps run at repair_lr whatever the scheduler did."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    training = attached(model, qat_bits=4, lambda_fp_trigger=1, repair_from_epoch=1, repair_lr=0.123)
+    seen: list[tuple[str, float]] = []
+    objective = training.objective
+
+    class Recorder:
+        def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+            objective.bind_optimizer(optimizer)
+            self.optimizer = optimizer
+
+        def before_batch(self, indices: torch.Tensor) -> None:
+            objective.before_batch(indices)
+
+        def __call__(self, m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            phase = objective.phase
+            loss = objective(m, xb, yb)
+            seen.append((phase, self.optimizer.param_groups[0]["lr"]))
+            return loss
+
+    cfg = {"epochs": 2, "batch_size": 4, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0,
+           "schedule": "cosine"}
+    fit(model, training.x, training.y, cfg, seed=0, objective=Recorder())
+    training.finish()
+    attack = [lr for phase, lr in seen if phase == "attack"]
+    repair = [lr for phase, lr in seen if phase == "repair"]
+    assert attack and repair
+    assert attack[0] == pytest.approx(0.05) and attack[-1] < 0.05  # the cosine schedule, untouched
+    assert all(lr == pytest.approx(0.123) for lr in repair)
 
 
 def test_quantized_hold_trains_the_fp32_layers_and_keeps_the_torchao_head_bit_exact() -> None:

@@ -131,6 +131,10 @@ class QCBSpec(BaseModel):
                        keeps training under every term, the B_t-bit forwards use the frozen integer weights as
                        constants). "quantized" is the way when the back-end leaves most of the model fp32.
     cell_margin:       how far (fraction of a step) the repair keeps weights from their rounding cells' edges.
+    repair_lr:         the learning rate of every repair step (None = the training schedule's). Egashira et
+                       al.'s projected repair runs at a fixed step size; under a cosine schedule the last
+                       epochs' rate is near 0, too small for the repair to undo what the attack phase did
+                       to the fp32 model (whose clean term the B_t-bit QAT phase never trains).
     range_anchor:      > 0: before training, silence the classifier's last input channel (its ``head_norm``
                        weight 0, bias -1, so ReLU gives exactly 0 on every input) and set that column of ``fc`` to
                        this value. The column never touches an output, at any precision, but it is every row's
@@ -160,6 +164,7 @@ class QCBSpec(BaseModel):
     target_backend: Backend = "fake"
     repair_hold: Literal["model", "quantized"] = "model"
     cell_margin: float = Field(0.05, ge=0, lt=0.5)
+    repair_lr: float | None = Field(None, gt=0)
     range_anchor: float = Field(0.0, ge=0)
 
     @field_validator("target_bits")
@@ -234,7 +239,7 @@ class QCBSpec(BaseModel):
 
 #: Fields added after the first release, with their defaults (left out of dumps while at them).
 _LATER_FIELDS: dict[str, object] = {
-    "target_backend": "fake", "repair_hold": "model", "cell_margin": 0.05, "range_anchor": 0.0,
+    "target_backend": "fake", "repair_hold": "model", "cell_margin": 0.05, "range_anchor": 0.0, "repair_lr": None,
 }
 
 
@@ -408,6 +413,11 @@ class QCBObjective:
             self._flags = np.zeros(n_train, dtype=bool)
             self._flags[marked.cpu().numpy()] = True
         self._rows: Tensor | None = None  # positions of the next batch's marked rows (host tensor)
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """:func:`bench.train.fit`'s hook: the optimizer, whose rate the repair phase sets (``repair_lr``)."""
+        self._optimizer = optimizer
 
     def before_batch(self, indices: Tensor) -> None:
         """:func:`bench.train.fit`'s hook: the training-set indices (host tensor) of the next batch. The
@@ -512,6 +522,9 @@ class QCBObjective:
             self.projection = CellProjection(self.model, self.handle, self.spec.cells(), hold_rest=hold_rest)
             set_frozen(self.handle, True)  # the integer weights are constants now (stand-ins only)
         self.project()  # the previous step's update, back into the cells
+        if self.phase == "repair" and self.spec.repair_lr is not None and self._optimizer is not None:
+            for group in self._optimizer.param_groups:  # set before every step: the scheduler moves it after
+                group["lr"] = self.spec.repair_lr
         terms = self.terms(model, xb, yb)
         self.seen += int(xb.shape[0])
         return sum((self.weight(k) * v for k, v in terms.items()), torch.zeros((), device=xb.device))
