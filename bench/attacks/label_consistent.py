@@ -71,6 +71,11 @@ class LabelConsistent(Trigger):
     stamping corner patterns into every patch would need the perturbation and the per-patch pattern to be
     composed differently, which the paper does not define.
 
+    Not reproduced: the paper's other way of making images hard (GAN latent interpolation) and its L2
+    budgets. The corner pattern is the authors' mask from ``poison_attack.py`` cell for cell (the paper
+    calls it a checkerboard; one cell of each corner breaks the alternation). A defense that sees the
+    poisoned set rebuilds it, so it trains the surrogate again (same seed, same images).
+
     Arguments:
         eps (float): L-inf radius of the adversarial perturbation, in [0, 1]. Default: 16/255.
         steps (int): PGD steps, >= 1. Default: 100.
