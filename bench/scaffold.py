@@ -14,13 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
-from typing import Annotated
 
-import typer
-from rich.console import Console
-from rich.markup import escape
-
-from bench.errors import BenchError, PluginError
+from bench.errors import PluginError
 
 #: ``bench new`` kinds and the registry kind each writes ("attack" is a trigger).
 KINDS: dict[str, str] = {"attack": "trigger", "trigger": "trigger", "defense": "defense", "model": "model",
@@ -108,30 +103,6 @@ def new(kind: str, name: str, directory: Path = Path("plugins"), force: bool = F
     except OSError as exc:
         raise PluginError(f"bench new: cannot write into {directory}: {exc}") from None
     return list(files)
-
-
-def new_command(
-    kind: Annotated[str, typer.Argument(help="attack, defense, model or dataset.")],
-    name: Annotated[str, typer.Argument(help="Registered name, e.g. my_attack (a-z, 0-9, '_', '-').")],
-    directory: Annotated[Path, typer.Option("--dir", help="Folder to write NAME.py and test_NAME.py into.")]
-    = Path("plugins"),
-    force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
-) -> None:
-    """Write a working plugin (attack, defense, model or dataset) and its tests, ready to edit."""
-    err = Console(stderr=True)
-    try:
-        written = new(kind, name, directory, force)
-    except BenchError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    plugin, test = written
-    for path in written:
-        err.print(f"wrote {path}", highlight=False, soft_wrap=True)
-    err.print(
-        f"next: bench plugins --plugins {plugin}   |   python -m pytest {test}   |   then list the file "
-        "under a scenario's plugins: (paths there are relative to the scenario file)",
-        highlight=False, soft_wrap=True,
-    )
 
 
 # --- templates ------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer
 import yaml
 from typer.testing import CliRunner
 
@@ -23,7 +22,7 @@ from bench.cli import app
 from bench.errors import BenchError, ComponentParamsError, PluginError
 from bench.plugins import load_plugin_file
 from bench.registry import REGISTRY
-from bench.scaffold import new, new_command
+from bench.scaffold import new
 from bench.store import Store
 from tests.conftest import tiny_scenario
 
@@ -35,17 +34,7 @@ runner = CliRunner()
 
 
 def invoke(*args: str):
-    return runner.invoke(_cli(), list(args), catch_exceptions=False)
-
-
-def _cli() -> typer.Typer:
-    """``bench`` itself once ``new`` is wired into it; until then bench's commands plus ``new``."""
-    if any(c.name == "new" for c in app.registered_commands):
-        return app
-    local = typer.Typer()
-    local.registered_commands = [*app.registered_commands]
-    local.command("new")(new_command)
-    return local
+    return runner.invoke(app, list(args), catch_exceptions=False)
 
 
 @pytest.fixture(autouse=True)

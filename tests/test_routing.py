@@ -41,10 +41,11 @@ from bench.analysis import (
     selection_masks,
 )
 from bench.analysis.cells import select_groups
-from bench.analysis.cli import analyze, app
 from bench.analysis.maps import FADE, FADE_COLOR, HIST_BINS, value_shares
 from bench.analysis.routing import NoRoutingError
 from bench.attacks import BadNets, BadPatches, Blend
+from bench.cli import app
+from bench.cli.analysis import analyze
 from bench.registry import REGISTRY
 from bench.store import Store
 
@@ -423,13 +424,13 @@ def test_analyze_writes_pictures_and_metrics_of_clean_and_backdoored(tiny_run: P
     ],
 )
 def test_analyze_user_mistakes_exit_2(tiny_run: Path, args: list[str], message: str) -> None:
-    result = cli.invoke(app, [str(tiny_run), *args])
+    result = cli.invoke(app, ["analyze", str(tiny_run), *args])
     assert result.exit_code == 2
     assert message in result.stderr
 
 
 def test_analyze_missing_run_and_dense_model_exit_2(tmp_path: Path) -> None:
-    missing = cli.invoke(app, [str(tmp_path / "nope")])
+    missing = cli.invoke(app, ["analyze", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "no results store" in missing.stderr
     # a store holding one dense model, written by hand
     store = Store(tmp_path / "dense-run")
@@ -444,6 +445,6 @@ def test_analyze_missing_run_and_dense_model_exit_2(tmp_path: Path) -> None:
          "attack": attack, "poison_rate": 0.1, "train_job": "tr-dense", "eval_job": "ev-dense",
          "clean_eval_job": "ev-clean", "quant": None, "defense": None},
     ])
-    result = cli.invoke(app, [str(tmp_path / "dense-run"), "--device", "cpu"])
+    result = cli.invoke(app, ["analyze", str(tmp_path / "dense-run"), "--device", "cpu"])
     assert result.exit_code == 2
     assert "has no routing" in result.stderr and "pmoe" in result.stderr

@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from bench.cli import app as bench_app
+from bench.cli.search import search
 from bench.errors import ScenarioError
 from bench.jobs import JobContext, run_train
 from bench.plan import build
@@ -50,7 +51,6 @@ from bench.search.study import (
     open_study,
 )
 from bench.search.trial import TrialRunner, fp32_state
-from bench.search_cli import search
 from bench.store import Store
 from tests.conftest import tiny_scenario
 
@@ -384,7 +384,7 @@ def test_two_processes_share_one_sqlite_study(write_scenario, tmp_path: Path) ->
     path = write_scenario(search_scenario(objective="multi", sampler="nsga2", params=[
         {"path": "attacks.0.strength", "low": 0.5, "high": 1.0}]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "bench.search_cli", str(path), "--n-trials", "2", "--runs-dir", str(runs),
+    cmd = [sys.executable, "-m", "bench.cli", "search", str(path), "--n-trials", "2", "--runs-dir", str(runs),
            "--reports-dir", str(reports)]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                               cwd=Path(__file__).resolve().parents[1]) for _ in range(2)]

@@ -3,7 +3,7 @@
 Public API: the routing metrics (:func:`routing_metrics`, :class:`RoutingTally` and the pure functions
 under them), the pictures (``draw_*`` with their data functions in :mod:`bench.analysis.maps`), and
 :func:`bench.analysis.study.analyze_run`, the library side of ``bench analyze``
-(:func:`bench.analysis.cli.analyze`; imported from its module, since it builds on the job runner).
+(:func:`bench.cli.analysis.analyze`; imported from its module, since it builds on the job runner).
 """
 
 from __future__ import annotations

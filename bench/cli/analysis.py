@@ -1,8 +1,8 @@
-"""``bench analyze RUN_DIR``: routing pictures and metrics of a run's stored models.
+"""``bench analyze`` and ``bench show-triggers``: pictures of what the trigger does and where it is routed.
 
-The lead's CLI registers :func:`analyze` as a command (``app.command("analyze")(analyze)``); ``app``
-here is the same command alone, for ``python -m bench.analysis.cli`` and tests. Metrics go to stderr as
-a table, the written files to stdout (one path a line), user mistakes exit 2 with one line.
+``analyze``: routing pictures and metrics of a run's stored models; metrics go to stderr as a table, the
+written files to stdout (one path a line). ``show-triggers``: clean vs triggered images of a scenario's
+attacks, without training; the written files to stdout. User mistakes exit 2 with one line.
 """
 
 from __future__ import annotations
@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from bench import runner
 from bench.analysis.study import AnalysisOptions, SettingResult, analyze_run
+from bench.cli.common import PluginsOpt, ScenarioArg, err, fail
 from bench.errors import BenchError
-
-err = Console(stderr=True)
 
 #: Metrics shown in the table, in order (all of them are in the ``*-metrics.json`` files).
 ROWS = (
@@ -30,6 +29,23 @@ ROWS = (
     ("route_expert_overlap", "overlap between experts"),
     ("load_cv_mean", "load CV (mean of experts)"),
 )
+
+
+def show_triggers(
+    scenario: ScenarioArg,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for the PNGs (default: reports/<name>/, "
+                                                  "where `bench run` puts them).")] = None,
+    plugins: PluginsOpt = None,
+) -> None:
+    """Draw clean vs triggered test images for every attack of a scenario, without training anything."""
+    try:
+        written = runner.show_triggers(scenario, out_dir, plugins)
+    except BenchError as exc:
+        raise fail(exc) from None
+    if not written:
+        err.print("the scenario has no attack to draw")
+    for path in written:
+        typer.echo(str(path))
 
 
 def analyze(
@@ -92,10 +108,3 @@ def metrics_table(result: SettingResult) -> Table:
 
 def _fmt(value: Any) -> str:
     return "-" if value is None else f"{float(value):.2f}"
-
-
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=analyze.__doc__)
-app.command()(analyze)
-
-if __name__ == "__main__":
-    app()

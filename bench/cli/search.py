@@ -1,9 +1,8 @@
 """``bench search``: the Typer command over :func:`bench.search.run_search`, with rich progress on stderr.
 
-Registered by the ``bench`` app as ``app.command("search")(search)``; ``python -m bench.search_cli
-SCENARIO`` runs it alone (handy for extra worker processes on one study). User mistakes (a bad search
-block, a study made for another scenario, a bad storage URL) exit 2 with a one-line message; the report
-goes to stdout.
+Several processes may run ``bench search`` on one study at once (extra workers share its storage). User
+mistakes (a bad search block, a study made for another scenario, a bad storage URL) exit 2 with a one-line
+message; the report goes to stdout.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from bench.cli.common import DeviceOpt, ReportsDirOpt, RunsDirOpt, err, fail
 from bench.errors import BenchError
 
 if TYPE_CHECKING:
@@ -25,9 +25,6 @@ if TYPE_CHECKING:
 
     from bench.plan import Job
     from bench.search import SearchOutcome
-
-err = Console(stderr=True)
-
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.1f}%"
@@ -156,11 +153,7 @@ StorageOpt = Annotated[str | None, typer.Option(
     "--storage", help="Optuna storage URL (default: sqlite:///runs/<name>/search.db).")]
 StudyOpt = Annotated[str | None, typer.Option("--study", help="Study name (default: the scenario's name).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Sampler seed (default: the block's).")]
-DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ... (overrides the scenario).")]
-RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Where result stores live (runs/<name>/).")]
-ReportsDirOpt = Annotated[Path, typer.Option("--reports-dir", help="Where reports are written.")]
 PluginsOpt = Annotated[list[str] | None, typer.Option("--plugins", help="Plugin file or folder; repeatable.")]
-
 
 def search(
     scenario: ScenarioArg,
@@ -191,8 +184,7 @@ def search(
                 overrides=overrides,
             )
     except BenchError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise fail(exc) from None
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: finished trials and jobs are stored; the same command resumes.")
         raise typer.Exit(130) from None
@@ -205,6 +197,3 @@ def search(
     err.print(f"{done}; report: [bold]{outcome.report_path}[/]{where}")
     typer.echo(outcome.report_path.read_text(encoding="utf-8"))
 
-
-if __name__ == "__main__":
-    typer.run(search)
