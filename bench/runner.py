@@ -357,16 +357,30 @@ def local_device(requested: str) -> torch.device:
 
 def regenerate_broken_inputs(plan: planning.Plan, store: Store) -> list[str]:
     """Forget the recorded jobs whose model file a pending job would read but that is missing, partial or
-    corrupt (checked against its checksum), so they run again before it; their ids."""
+    corrupt (checked against the checksum stored with its row), and the recorded jobs computed from them,
+    so they run again before it; each is reported naming the job and the file. The broken jobs' ids."""
+    from bench.execute.claims import forget_broken, say
+
     forgotten: list[str] = []
     while True:
         done = store.done_ids()
-        broken = sorted({dep for job in plan.pending(done) for dep in job.deps if dep in done
-                         and store.check_input(dep, job.spec.get("stage") if job.kind == "evaluate" else None)})
-        if not broken:
+        problems = {}
+        for job in plan.pending(done):
+            for dep in job.deps:
+                if dep in done and dep not in problems:
+                    problem = store.check_input(dep, job.spec.get("stage") if job.kind == "evaluate" else None)
+                    if problem:
+                        problems[dep] = problem
+        if not problems:
             return forgotten
-        store.delete(broken)
-        forgotten += broken
+        for dep, problem in sorted(problems.items()):
+            record = store.get(dep)
+            if record is None:
+                continue  # forgotten just now, as computed from another broken job
+            dependents = forget_broken(plan, store, dep)
+            say(f"the model file of job {dep} ({record.kind}) is broken: {problem}; recomputing job {dep}"
+                + (f" and {len(dependents)} job(s) computed from it" if dependents else ""))
+            forgotten.append(dep)
 
 
 def failed_jobs(plan: planning.Plan, store: Store) -> list[str]:
@@ -455,7 +469,9 @@ def _relative_pictures(store: Store, relative_to: Path | None, key: str = "pictu
 def write_report(store: Store, out: Path, fmt: str = "md") -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     text = render(store, fmt, relative_to=out.parent.resolve(), picture_dir=out.parent / out.stem)
-    out.write_text(text, encoding="utf-8")
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")  # whole or not at all: cooperating runs write it too
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, out)
     return out
 
 

@@ -10,6 +10,9 @@ and its own CUDA context on its GPU, so count their memory when choosing ``--wor
 loads data (for its checks) on the CPU only, so it holds no CUDA context.
 
 Interrupting loses at most the jobs in flight (one per worker); the next ``bench run`` resumes.
+
+The main process claims each job before handing it to a worker (:mod:`bench.execute.claims`): the pool is one
+``bench run`` process among those that may share the store, and its workers record rows in its name.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
-from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -26,10 +28,10 @@ from typing import Any
 import torch
 
 from bench.errors import BenchError
-from bench.execute.local import ExecutionSummary, Reporter, SilentReporter, record_job
-from bench.execute.schedule import DependencyTracker
+from bench.execute.claims import Cooperation
+from bench.execute.local import ExecutionSummary, Reporter, SilentReporter, cooperation_summary, record_job
 from bench.plan import Job, Plan
-from bench.store import Store
+from bench.store import BrokenArtifact, Store
 
 # one per worker process, set by _start_worker
 _WORKER: dict[str, Any] = {}
@@ -59,14 +61,15 @@ def _start_worker(root: str, devices: Any, threads: int, plugin_files: list[str]
     _WORKER.update(store=store, device=device, ctx=JobContext(store, device))
 
 
-def _run_in_worker(job: Job) -> float:
-    """Run one job in this worker and record it; its wall time in seconds."""
+def _run_in_worker(job: Job, computed_by: str = "") -> float:
+    """Run one job in this worker and record it (in the name of ``computed_by``, the main process's claim
+    owner); its wall time in seconds."""
     from bench.jobs import run_job
 
     t0 = time.perf_counter()
     out = run_job(job, _WORKER["ctx"])
     seconds = time.perf_counter() - t0
-    record_job(_WORKER["store"], job, out, seconds, _WORKER["device"])
+    record_job(_WORKER["store"], job, out, seconds, _WORKER["device"], computed_by)
     return seconds
 
 
@@ -89,9 +92,17 @@ def execute_parallel(plan: Plan, store: Store, device: torch.device, workers: in
     start = time.perf_counter()
     if not pending:
         return summary
-    tracker = DependencyTracker(pending)
-    ready = deque(tracker.initial)
+    with Cooperation(plan, store) as coop:
+        _run_pool(coop, store, device, workers, reporter, summary, plugin_files)
+    cooperation_summary(summary, coop)
+    summary.seconds = time.perf_counter() - start
+    return summary
 
+
+def _run_pool(coop: Cooperation, store: Store, device: torch.device, workers: int, reporter: Reporter,
+              summary: ExecutionSummary, plugin_files: list[str] | None) -> None:
+    """Claim ready jobs (:class:`Cooperation`) and run them on ``workers`` processes until every job of the
+    plan is recorded, by this process or another."""
     spawn = multiprocessing.get_context("spawn")
     devices = spawn.Queue()  # each worker takes one device name as it starts
     for name in worker_devices(device, workers):
@@ -102,16 +113,26 @@ def execute_parallel(plan: Plan, store: Store, device: torch.device, workers: in
     with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_start_worker,
                              initargs=(str(store.root), devices, threads, files)) as pool:
         try:
-            while ready or running:
-                while ready and len(running) < workers:
-                    job = ready.popleft()
-                    reporter.job_started(job)
-                    running[pool.submit(_run_in_worker, job)] = job
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            while True:
+                if len(running) < workers:
+                    for job in coop.next_ready(workers - len(running)):
+                        reporter.job_started(job)
+                        running[pool.submit(_run_in_worker, job, coop.owner)] = job
+                if not running:
+                    if not coop.left:
+                        break
+                    coop.wait()  # every ready job is another process's: wait for it to record them
+                    continue
+                # a free worker looks at the store again after a while: other processes may record inputs
+                timeout = coop.poll_s if len(running) < workers else None
+                finished, _ = wait(running, timeout=timeout, return_when=FIRST_COMPLETED)
                 for future in finished:
                     job = running.pop(future)
                     try:
                         seconds = future.result()  # a failed job stops the run; what finished stays stored
+                    except BrokenArtifact as exc:  # an input's model file: recompute the job that wrote it first
+                        coop.broken_input(job, exc)
+                        continue
                     except BrokenProcessPool:
                         raise BenchError(
                             f"job {job.id} ({job.kind}): its worker process died (out of memory, killed, or "
@@ -119,14 +140,12 @@ def execute_parallel(plan: Plan, store: Store, device: torch.device, workers: in
                         ) from None
                     except torch.OutOfMemoryError as exc:  # outside the job (run_job records its own OOM)
                         raise BenchError(out_of_memory_message(job, exc, "its worker")) from None
+                    coop.finished(job.id)
                     summary.ran.append(job.id)
                     reporter.job_finished(job, seconds)
-                    ready.extend(tracker.finished(job.id))
         except BaseException:
             # stop now: jobs in flight are lost (the next run redoes them), not waited for
             for process in list(getattr(pool, "_processes", {}).values()):
                 process.terminate()
             pool.shutdown(wait=False, cancel_futures=True)
             raise
-    summary.seconds = time.perf_counter() - start
-    return summary

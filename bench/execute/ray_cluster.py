@@ -13,6 +13,9 @@ against its own working folder and downloads there once, before any job). Only t
 SQLite results database (on its local disk): a job is done when its row exists, so an interrupted run
 resumes like a local one.
 
+Several drivers may share a store: the driver claims each job before sending it to a worker
+(:mod:`bench.execute.claims`), leaves jobs other ``bench run`` processes hold to them and waits for their rows.
+
 Failures: a job that raises stops the run with a message naming it (diverged training and out-of-memory
 are not errors: ``run_job`` records them as failed jobs). A worker that dies (a preempted node, a process
 killed for memory) is replaced and its jobs are sent again, each at most ``max_retries`` times: jobs are
@@ -36,12 +39,12 @@ from typing import Any
 import torch
 
 from bench.errors import BenchError
-from bench.execute.local import ExecutionSummary, Reporter, SilentReporter
+from bench.execute.claims import Cooperation
+from bench.execute.local import ExecutionSummary, Reporter, SilentReporter, cooperation_summary
 from bench.execute.pool import out_of_memory_message
 from bench.execute.ray_worker import JobWorker
-from bench.execute.schedule import DependencyTracker
 from bench.plan import Job, Plan
-from bench.store import Store
+from bench.store import BrokenArtifact, Store
 
 #: Jobs the driver keeps queued on each worker: one running, one waiting, so no worker idles between jobs.
 DEPTH = 2
@@ -170,11 +173,13 @@ def execute_ray(plan: Plan, store: Store, device: torch.device, reporter: Report
         actor = cluster.ray.remote(JobWorker).options(num_cpus=cpus_per_job, num_gpus=gpus, max_restarts=0)
         args = (str(store.root.resolve()), str(store.artifacts.resolve()), list(plugin_files or []),
                 device.type, max(1, int(cpus_per_job)), data_base or os.getcwd())
-        driver = _Driver(cluster.ray, lambda: actor.remote(*args), store, reporter, summary, max_retries)
-        try:
-            driver.run(pending, n_workers)
-        finally:
-            driver.stop()
+        with Cooperation(plan, store) as coop:
+            driver = _Driver(cluster.ray, lambda: actor.remote(*args), store, reporter, summary, max_retries, coop)
+            try:
+                driver.run(n_workers)
+            finally:
+                driver.stop()
+        cooperation_summary(summary, coop)
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -190,8 +195,8 @@ class _Driver:
     """Feeds ready jobs to job workers, records results, replaces dead workers and resends their jobs."""
 
     def __init__(self, ray: Any, new_worker: Any, store: Store, reporter: Reporter, summary: ExecutionSummary,
-                 max_retries: int) -> None:
-        self.ray, self.new_worker, self.store = ray, new_worker, store
+                 max_retries: int, coop: Cooperation) -> None:
+        self.ray, self.new_worker, self.store, self.coop = ray, new_worker, store, coop
         self.reporter, self.summary, self.max_retries = reporter, summary, max_retries
         self.workers: list[_Worker] = []
         self.starting: dict[Any, _Worker] = {}
@@ -201,20 +206,27 @@ class _Driver:
         self.budget = 0
         self.ready_jobs: deque[Job] = deque()
 
-    def run(self, pending: list[Job], n_workers: int) -> None:
-        tracker = DependencyTracker(pending)
-        self.ready_jobs.extend(tracker.initial)
+    def run(self, n_workers: int) -> None:
         self.budget = self.max_retries * n_workers  # worker replacements allowed in this run
         for _ in range(n_workers):
             self._start_worker()
-        while self.ready_jobs or self.running:
+        while True:
             self._submit()
+            if not self.ready_jobs and not self.running and not self.coop.left:
+                return  # every job is recorded, by this driver or another process
             refs = list(self.running) + list(self.starting)
             if not refs:
+                if self.workers:  # idle workers, every ready job held by another process: wait for it
+                    self.coop.wait()
+                    continue
                 raise BenchError("no Ray job worker is left to run the remaining jobs")
             placed = any(w.ready for w in self.workers)
-            done, _ = self.ray.wait(refs, num_returns=1, timeout=None if placed else START_TIMEOUT_S)
+            free = placed and any(w.ready and len(w.in_flight) < DEPTH for w in self.workers)
+            timeout = START_TIMEOUT_S if not placed else (self.coop.poll_s if free else None)
+            done, _ = self.ray.wait(refs, num_returns=1, timeout=timeout)
             if not done:
+                if placed:
+                    continue  # a free slot looks at the store again: other processes may record inputs
                 raise BenchError(f"no Ray job worker could be placed on the cluster in {START_TIMEOUT_S:g} s; "
                                  "do its nodes have the CPUs and GPUs one job asks for (--cpus-per-job, "
                                  "--gpus-per-job)?")
@@ -222,9 +234,7 @@ class _Driver:
             if ref in self.starting:
                 self._started(ref)
                 continue
-            job = self._finished(ref)
-            if job is not None:
-                self.ready_jobs.extend(tracker.finished(job.id))
+            self._finished(ref)
 
     def stop(self) -> None:
         """End every worker (and so the jobs still in flight: the next run redoes them)."""
@@ -266,10 +276,14 @@ class _Driver:
 
     # -- jobs -------------------------------------------------------------------------------------
     def _submit(self) -> None:
-        while self.ready_jobs:
+        while True:
             free = [w for w in self.workers if w.ready and len(w.in_flight) < DEPTH]
             if not free:
                 return
+            if not self.ready_jobs:  # claim as many ready jobs as there are free places, no more
+                self.ready_jobs.extend(self.coop.next_ready(sum(DEPTH - len(w.in_flight) for w in free)))
+                if not self.ready_jobs:
+                    return
             worker = min(free, key=lambda w: len(w.in_flight))
             job = self.ready_jobs.popleft()
             inputs = self.store.records(list(job.deps))
@@ -289,6 +303,9 @@ class _Driver:
             result = ray.get(ref)
         except ray.exceptions.RayTaskError as exc:  # the job (or saving its model) raised
             cause = exc.cause
+            if isinstance(cause, BrokenArtifact):  # an input's model file: recompute the job that wrote it first
+                self.coop.broken_input(job, cause)
+                return None
             if isinstance(cause, torch.OutOfMemoryError):
                 raise BenchError(out_of_memory_message(job, cause, "its Ray worker")) from None
             if isinstance(cause, BenchError):
@@ -304,7 +321,9 @@ class _Driver:
             self._replace(worker, exc)
             return None
         self.store.record(job.id, job.kind, job.spec, list(job.deps), result["metrics"], result["seconds"],
-                          result["device"], result["artifact"], result["environment"])
+                          result["device"], result["artifact"], result["environment"], result.get("checksums"),
+                          self.coop.owner)
+        self.coop.finished(job.id)
         self.summary.ran.append(job.id)
         self.summary.workers[job.id] = result["worker"]
         self.reporter.job_finished(job, result["seconds"])

@@ -42,7 +42,9 @@ class ArtifactDir:
         return self.records.get(job_id)
 
     save_state = Store.save_state
+    save_outputs = Store.save_outputs
     load_state = Store.load_state
+    _expected = Store._expected
 
 
 def worker_dataset_spec(spec: dict[str, Any], data_base: str) -> dict[str, Any]:
@@ -133,10 +135,9 @@ class JobWorker:
         self.ctx.store = ArtifactDir(self.root, self.artifacts, inputs)  # type: ignore[assignment]
         t0 = time.perf_counter()
         out = run_job(job, self.ctx)
-        artifact = self.ctx.store.save_state(job.id, out.state) if out.state is not None else None
-        for stage, state in out.stages.items():
-            self.ctx.store.save_state(f"{job.id}.{stage}", state)
+        artifact, checksums = self.ctx.store.save_outputs(job.id, out.state, out.stages)
         self.jobs += 1
-        return {"metrics": out.metrics, "artifact": artifact, "seconds": time.perf_counter() - t0,
+        return {"metrics": out.metrics, "artifact": artifact, "checksums": checksums,
+                "seconds": time.perf_counter() - t0,
                 "device": self.device.type, "environment": environment(self.device),
                 "worker": {"pid": os.getpid(), "jobs": self.jobs, "data_loads": self.ctx.loads}}
