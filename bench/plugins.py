@@ -8,6 +8,8 @@ Two doors, one registry:
   names a module, imported when the registry is first used).
 
 A plugin registers with the same decorators the built-ins use (``bench.registry.register_trigger`` ...).
+This module builds on :mod:`bench.registry` (which loads the entry points on first use, see
+:func:`bench.registry.load_entry_points`); the registry never imports this module.
 """
 
 from __future__ import annotations
@@ -16,16 +18,14 @@ import hashlib
 import importlib
 import importlib.util
 import sys
-from importlib.metadata import entry_points
 from pathlib import Path
 
 from bench.errors import BenchError, PluginError
-from bench.registry import registering_from
+from bench.registry import ENTRY_POINT_GROUP, load_entry_points, registering_from
 
-ENTRY_POINT_GROUP = "pmoe_bench.plugins"
+__all__ = ["ENTRY_POINT_GROUP", "load_entry_points", "load_plugin_file", "load_plugins"]
 
 _LOADED_FILES: set[Path] = set()
-_ENTRY_POINTS_LOADED = False
 
 
 def load_plugins(paths: list[str], base_dir: Path | None = None, source: str = "") -> list[Path]:
@@ -87,23 +87,3 @@ def load_plugin_file(path: Path) -> None:
         sys.modules.pop(module_name, None)
         raise PluginError(f"plugin {path}: failed to import: {type(exc).__name__}: {exc}") from None
     _LOADED_FILES.add(path)
-
-
-def load_entry_points() -> None:
-    """Import every installed package's ``pmoe_bench.plugins`` entry point (once)."""
-    global _ENTRY_POINTS_LOADED
-    if _ENTRY_POINTS_LOADED:
-        return
-    _ENTRY_POINTS_LOADED = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        dist = ep.dist.name if ep.dist is not None else ep.value
-        try:
-            with registering_from(f"package:{dist}"):
-                ep.load()
-        except BenchError as exc:
-            raise PluginError(f"plugin package '{dist}' (entry point {ep.value}): {exc}") from None
-        except Exception as exc:  # report the package and the reason instead of a traceback
-            raise PluginError(
-                f"plugin package '{dist}' (entry point {ep.value}): failed to import: {type(exc).__name__}: {exc}"
-            ) from None
-

@@ -7,6 +7,10 @@ builds a pydantic model from the signature, so a scenario is checked against it 
 
 Parameters that the engine supplies (``CONTEXT_PARAMS``: a model's input shape and class count) are not
 part of the user-facing schema.
+
+First use loads the built-ins and every installed package's ``pmoe_bench.plugins`` entry point
+(:func:`load_builtins`). Plugin files and folders are :mod:`bench.plugins`, which builds on this module;
+this module never imports it.
 """
 
 from __future__ import annotations
@@ -18,13 +22,17 @@ import inspect
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, PydanticUserError, TypeAdapter, ValidationError, create_model
 
-from bench.errors import ComponentParamsError, PluginError, UnknownComponentError
+from bench.errors import BenchError, ComponentParamsError, PluginError, UnknownComponentError
 
 KINDS: tuple[str, ...] = ("model", "dataset", "trigger", "defense")
+
+#: Installed packages declare their plugin modules as entry points in this group.
+ENTRY_POINT_GROUP = "pmoe_bench.plugins"
 
 # Arguments the engine passes itself; never set from a scenario.
 CONTEXT_PARAMS: dict[str, frozenset[str]] = {
@@ -291,6 +299,26 @@ def load_builtins() -> None:
 
     for module in ("bench.models", "bench.data", "bench.attacks", "bench.defenses"):
         importlib.import_module(module)
-    from bench.plugins import load_entry_points
-
     load_entry_points()
+
+
+_ENTRY_POINTS_LOADED = False
+
+
+def load_entry_points() -> None:
+    """Import every installed package's ``pmoe_bench.plugins`` entry point (once)."""
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist is not None else ep.value
+        try:
+            with registering_from(f"package:{dist}"):
+                ep.load()
+        except BenchError as exc:
+            raise PluginError(f"plugin package '{dist}' (entry point {ep.value}): {exc}") from None
+        except Exception as exc:  # report the package and the reason instead of a traceback
+            raise PluginError(
+                f"plugin package '{dist}' (entry point {ep.value}): failed to import: {type(exc).__name__}: {exc}"
+            ) from None
