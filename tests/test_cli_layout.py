@@ -34,6 +34,18 @@ def test_no_args_shows_help_and_python_dash_m_is_bench() -> None:
                           cwd=ROOT, timeout=120, env={**os.environ, "COLUMNS": "200"})
     assert done.returncode == 0, done.stderr
     assert all(name in done.stdout for name in COMMANDS)
+    # no arguments at all: the same help (click exits 0 or 2 here depending on its version), no error
+    bare = runner.invoke(app, [], env={"COLUMNS": "200"})
+    assert bare.exit_code in (0, 2) and "Missing command" not in bare.output, bare.output
+    assert "Usage:" in bare.output and "pmoe-bench: backdoor attacks" in bare.output
+    listed = [line.split()[1] for line in bare.output.splitlines()
+              if line.startswith("│ ") and len(line.split()) > 1 and line.split()[1] in COMMANDS]
+    assert listed == COMMANDS
+    # the console script `bench` is the same entry point as `python -m bench.cli`
+    tomllib = pytest.importorskip("tomllib")
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
+    assert scripts["bench"] == "bench.cli:main"
+    assert "from bench.cli import main" in (ROOT / "bench" / "cli" / "__main__.py").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize(("command", "shown"), [

@@ -182,7 +182,18 @@ def test_claims_are_atomic_renewed_released_and_taken_over(tmp_path):
     store.record("tr-1", "train", {}, [], {}, 0.1, "cpu", computed_by=b)
     assert store.claims() == {} and store.claim("tr-1", a, "a", 60).state == "done"
     store.claim("tr-2", a, "a", 60)
+    store.claim("tr-3", a, "a", 60)
+    assert store.claim("tr-4", b, "b", 60).state == "claimed"
+    # a renewal extends the owner's own claims only
+    before = store.claims()["tr-4"].expires_at
+    assert store.renew(a, ["tr-2", "tr-3"], 600) == []
+    assert store.claims()["tr-4"].expires_at == before and store.claims()["tr-2"].expires_at > before
+    # a release drops the owner's claims only: the named ones, then all the rest; never another owner's
+    store.release(a, ["tr-2", "tr-4"])
+    assert set(store.claims()) == {"tr-3", "tr-4"} and store.claims()["tr-4"].owner == b
     store.release(a)
+    assert set(store.claims()) == {"tr-4"}
+    store.release(b)
     assert store.claims() == {}
 
 

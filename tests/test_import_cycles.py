@@ -13,16 +13,34 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _imported(module_file: Path) -> set[str]:
-    """Every module ``module_file`` imports anywhere (top level or inside functions)."""
+def _imported(module_file: Path, package: str = "bench") -> set[str]:
+    """Every module ``module_file`` (a module of ``package``) imports anywhere (top level or inside
+    functions), relative imports resolved (``from . import plugins`` is ``bench.plugins``), and every
+    constant name handed to ``importlib.import_module`` / ``__import__``."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(module_file.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")
+            base = ".".join(parts[: len(parts) - node.level + 1]) if node.level else ""
+            module = ".".join(p for p in (base, node.module or "") if p)
+            if module:
+                names.add(module)
+                names.update(f"{module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if called in ("import_module", "__import__") and isinstance(node.args[0].value, str):
+                names.add(node.args[0].value)
     return names
+
+
+def test_the_import_reader_resolves_relative_and_dynamic_imports(tmp_path: Path) -> None:
+    source = tmp_path / "mod.py"
+    source.write_text("from . import plugins\nfrom .x import y\nimport importlib\n"
+                      "def f():\n    importlib.import_module('bench.z')\n", encoding="utf-8")
+    assert {"bench.plugins", "bench.x.y", "bench.z"} <= _imported(source)
 
 
 def test_registry_never_imports_plugins_and_plugins_imports_registry() -> None:

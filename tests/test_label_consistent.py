@@ -107,6 +107,8 @@ def test_test_time_trigger_is_the_authors_corner_pattern_at_full_amplitude() -> 
         assert (out[:, :, r, c] == (1.0 if v > 0 else 0.0)).all()
     assert torch.equal(out[..., 0:3, 0:3], out[..., 0:3, -3:].flip(-1))  # left corners mirror the right ones
     assert torch.equal(out[..., -3:, 0:3], out[..., 0:3, 0:3])
+    assert torch.equal(out[..., 0:3, -3:], out[..., -3:, -3:])  # the top corners are the bottom ones
+    assert torch.equal(out, out.flip(-1))  # the four-corner trigger survives a horizontal flip
     assert torch.equal(weak.touched_mask((3, 10, 12)).sum(), torch.tensor(36))
     untouched = ~weak.touched_mask((3, 10, 12))
     assert (out[:, :, untouched] == 0.5).all()

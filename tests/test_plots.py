@@ -234,9 +234,11 @@ def test_training_curves_are_the_stored_losses(tiny_run):
 
 def test_the_band_is_min_max_for_two_seeds_and_std_from_three():
     assert band(0.5, 0.1, [0.4, 0.7]) == (0.4, 0.7)
-    assert band(0.5, 0.1, [0.4, 0.5, 0.6]) == pytest.approx((0.4, 0.6))
+    # three or more values: mean +- std, not their min and max (values chosen so that the two differ)
+    assert band(0.5, 0.1, [0.2, 0.5, 0.8]) == pytest.approx((0.4, 0.6))
     assert band(0.5, 0.0, [0.5]) == (0.5, 0.5)
-    point = values_point([1.0, 2.0, 3.0, float("nan")], 4.0)
-    assert (point.x, point.mean, point.n) == (4.0, 2.0, 3)
-    assert (point.lo, point.hi) == pytest.approx((1.0, 3.0))  # sample std of 1, 2, 3 is 1
+    point = values_point([1.0, 2.0, 6.0, float("nan")], 4.0)
+    assert (point.x, point.mean, point.n) == (4.0, 3.0, 3)
+    # the sample std of 1, 2, 6 is sqrt(7) (the population std, sqrt(14/3), and min-max, (1, 6), differ)
+    assert (point.lo, point.hi) == pytest.approx((3.0 - 7**0.5, 3.0 + 7**0.5))
     assert values_point([float("nan")], 1.0) is None

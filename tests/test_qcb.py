@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from typing import Any
 
 import pytest
@@ -345,8 +346,11 @@ def test_repair_lr_sets_the_rate_of_every_repair_step_and_no_other() -> None:
     training.finish()
     attack = [lr for phase, lr in seen if phase == "attack"]
     repair = [lr for phase, lr in seen if phase == "repair"]
-    assert attack and repair
-    assert attack[0] == pytest.approx(0.05) and attack[-1] < 0.05  # the cosine schedule, untouched
+    steps = math.ceil(N_TRAIN / cfg["batch_size"])  # per epoch; the schedule spans both epochs
+    assert [phase for phase, _ in seen] == ["attack"] * steps + ["repair"] * steps
+    # the cosine schedule, untouched, step for step (T_max = every step of the run)
+    cosine = [0.05 * (1 + math.cos(math.pi * k / (2 * steps))) / 2 for k in range(steps)]
+    assert attack == pytest.approx(cosine, rel=1e-9) and attack[-1] < 0.05
     assert all(lr == pytest.approx(0.123) for lr in repair)
 
 
