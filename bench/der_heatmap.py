@@ -17,8 +17,8 @@ from typing import Any
 from bench.heatmap import Heatmap, draw_heatmap, slug
 
 
-def _line(row: Any, show_rate: bool, show_train: bool) -> str:
-    label = row.attack.split(" (", 1)[0]
+def _line(row: Any, show_rate: bool, show_train: bool, full: bool = False) -> str:
+    label = row.attack if full else row.attack.split(" (", 1)[0]
     if show_rate and row.poison_rate is not None:
         label += f" @{row.poison_rate * 100:g}%"
     return label + (f" [{row.train}]" if show_train else "")
@@ -34,8 +34,19 @@ def der_grid(rows: Iterable[Any]) -> dict[tuple[str, str], tuple[list[str], list
     for key, members in groups.items():
         show_rate = len({m.poison_rate for m in members}) > 1
         show_train = len({m.train for m in members}) > 1
-        cells = {(_line(m, show_rate, show_train), m.defense): m for m in members}
-        lines = list(dict.fromkeys(_line(m, show_rate, show_train) for m in members))
+        # the short name ("badnets") unless two attacks share it (image and badpatches): then the full one
+        short: dict[str, set[str]] = defaultdict(set)
+        for m in members:
+            short[_line(m, show_rate, show_train)].add(m.attack)
+
+        def line(
+            m: Any, show_rate: bool = show_rate, show_train: bool = show_train, short: dict[str, set[str]] = short
+        ) -> str:
+            name = _line(m, show_rate, show_train)
+            return name if len(short[name]) == 1 else _line(m, show_rate, show_train, full=True)
+
+        cells = {(line(m), m.defense): m for m in members}
+        lines = list(dict.fromkeys(line(m) for m in members))
         columns = list(dict.fromkeys(m.defense for m in members))
         out[key] = (lines, columns, cells)
     return out

@@ -48,6 +48,17 @@ def test_der_grid_holds_the_rows_der_per_attack_and_stage():
     assert cells[("badnets", "fine-tuning / finetuned")].der.mean == 0.8
 
 
+def test_der_grid_keeps_two_attacks_of_one_trigger_apart():
+    """BadNets on the image and as BadPatches share the short name: each keeps its own line and cell."""
+    rows = [_Row("badnets (apply=image)", 0.1, "nad / distilled", 0.7),
+            _Row("badnets (apply=badpatches)", 0.1, "nad / distilled", 0.2),
+            _Row("blend (apply=image)", 0.1, "nad / distilled", 0.5)]
+    ((_, (lines, _, cells)),) = der_grid(rows).items()
+    assert lines == ["badnets (apply=image)", "badnets (apply=badpatches)", "blend"]
+    assert cells[("badnets (apply=image)", "nad / distilled")].der.mean == 0.7
+    assert cells[("badnets (apply=badpatches)", "nad / distilled")].der.mean == 0.2
+
+
 class _Summary:
     def __init__(self, mean: float | None) -> None:
         self.mean, self.n = mean, int(mean is not None)
