@@ -106,3 +106,24 @@ def backdoored_copy(data: TensorData, state: dict[str, torch.Tensor]) -> Any:
     model = build_model(TINY_PMOE, data)
     model.load_state_dict(state)
     return model.eval()
+
+
+def run_with_page(root: Path, scenario: dict[str, Any]) -> tuple[Any, Path, Path]:
+    """``bench run`` the scenario dict (named ``tiny``) under ``root``, then ``bench report --format html``:
+    the CLI runner, the run folder and the page (the fixture of the report and plot tests)."""
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(scenario, sort_keys=False))
+    cli = CliRunner()
+    ran = cli.invoke(
+        app, ["run", str(path), "--runs-dir", str(root / "runs"), "--reports-dir", str(root / "reports")],
+        catch_exceptions=False,
+    )
+    assert ran.exit_code == 0, ran.output
+    run, page = root / "runs" / "tiny", root / "site" / "tiny.html"
+    made = cli.invoke(app, ["report", str(run), "--format", "html", "--out", str(page)], catch_exceptions=False)
+    assert made.exit_code == 0, made.output
+    return cli, run, page

@@ -16,18 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from PIL import Image
-from typer.testing import CliRunner
 
 from bench import runner
-from bench.cli import app
 from bench.plots.asr_curves import asr_figures
 from bench.plots.base import band, values_point
 from bench.plots.dormancy import dormancy_figures
 from bench.plots.training_curves import train_losses, training_figures
 from bench.store import open_existing
-from tests.conftest import tiny_scenario
+from tests.conftest import run_with_page, tiny_scenario
 from tests.test_report import cells_of, section
 
 SCENARIO = tiny_scenario(
@@ -50,19 +47,7 @@ PNGS = ["asr-digits-pmoe.png", "training-digits-pmoe.png"] + [
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("plots-run")
-    scenario = root / "tiny.yaml"
-    scenario.write_text(yaml.safe_dump(SCENARIO, sort_keys=False))
-    cli = CliRunner()
-    ran = cli.invoke(
-        app,
-        ["run", str(scenario), "--runs-dir", str(root / "runs"), "--reports-dir", str(root / "reports")],
-        catch_exceptions=False,
-    )
-    assert ran.exit_code == 0, ran.output
-    run = root / "runs" / "tiny"
-    page = root / "site" / "tiny.html"
-    made = cli.invoke(app, ["report", str(run), "--format", "html", "--out", str(page)], catch_exceptions=False)
-    assert made.exit_code == 0, made.output
+    cli, run, page = run_with_page(root, SCENARIO)
     store = open_existing(run)
     rows, _ = runner.report_rows(store)
     return {

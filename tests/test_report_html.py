@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
 from bench import document as doc
 from bench.cli import app
 from bench.report_html import blocks_html, render_html
-from tests.conftest import tiny_scenario
+from tests.conftest import run_with_page, tiny_scenario
 from tests.test_report import BADNETS, cell, ev, write_store
 
 CHROMIUM = Path(os.environ.get("PMOE_CHROMIUM", "/usr/bin/chromium"))
@@ -124,19 +123,7 @@ def markdown_tables(markdown: str) -> list[tuple[list[str], list[list[str]]]]:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("html-run")
-    scenario = root / "tiny.yaml"
-    scenario.write_text(yaml.safe_dump(SCENARIO, sort_keys=False))
-    cli = CliRunner()
-    ran = cli.invoke(
-        app,
-        ["run", str(scenario), "--runs-dir", str(root / "runs"), "--reports-dir", str(root / "reports")],
-        catch_exceptions=False,
-    )
-    assert ran.exit_code == 0, ran.output
-    run = root / "runs" / "tiny"
-    page = root / "site" / "tiny.html"
-    made = cli.invoke(app, ["report", str(run), "--format", "html", "--out", str(page)], catch_exceptions=False)
-    assert made.exit_code == 0, made.output
+    cli, run, page = run_with_page(root, SCENARIO)
     md = cli.invoke(app, ["report", str(run), "--out", str(root / "site" / "tiny.md")], catch_exceptions=False)
     assert md.exit_code == 0, md.output
     return {
