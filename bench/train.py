@@ -181,6 +181,9 @@ def fit(
     inductor) and the last partial batch through the plain module: one more batch shape would add a
     version (a recompilation) to every job, and dropping the batch would change the data a model sees.
     The result counts the compilations (``compile_frames``, ``compile_recompiles``).
+    A model's own loss term (:meth:`bench.models.base.BenchModel.auxiliary_loss`, e.g. V-MoE's
+    load-balancing loss, recorded by the step's forwards) is added to the objective's loss of every step,
+    whatever the objective (plain, poisoned, QAT, qcb, a learned trigger's), and counts in the epoch losses.
     A NaN or infinite mean epoch loss raises :class:`bench.errors.TrainingDiverged` (checked at the
     epoch's one host sync): a diverged model is a failed job, never a result.
     """
@@ -213,6 +216,7 @@ def fit(
         else contextlib.nullcontext()
     )
     before_batch = getattr(objective, "before_batch", None)
+    auxiliary = getattr(model, "auxiliary_loss", None)  # BenchModel.auxiliary_loss: None for most models
     after_step = getattr(objective, "after_step", None)
     if (bind_optimizer := getattr(objective, "bind_optimizer", None)) is not None:
         bind_optimizer(optimizer)
@@ -234,7 +238,11 @@ def fit(
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 full = xb.shape[0] == cfg["batch_size"]
                 with autocast:
+                    if auxiliary is not None:
+                        auxiliary()  # drop a term recorded by forwards outside this step
                     loss = objective(step_model if full else model, xb, y[idx])
+                    if auxiliary is not None and (extra := auxiliary()) is not None:
+                        loss = loss + extra  # the model's own term (an MoE load-balancing loss)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -68,15 +68,16 @@ def routing_change(
             _, suspect = model.forward_routing(x_suspect[begin : begin + batch_size])
             if clean is None or suspect is None:
                 raise ComponentParamsError(_NO_ROUTING.format(model=type(model).__name__))
-            k = clean.indices.shape[2]
-            moved = (clean.selection_mask() ^ suspect.selection_mask()).flatten(2).sum(2).double() / (2 * k)
+            # |S xor S'| / (|S| + |S'|): 2k for a fixed top-k (pMoE); capacity-limited routing keeps fewer
+            kept = (clean.kept() + suspect.kept()).double().clamp(min=1)
+            moved = (clean.selection_mask() ^ suspect.selection_mask()).flatten(2).sum(2).double() / kept
             total = moved.sum(0) if total is None else total + moved.sum(0)
     finally:
         model.train(was_training)
     return (total / len(x)).float()  # type: ignore[operator]
 
 
-def expert_modules(model: BenchModel) -> list[tuple[str, nn.Conv2d, nn.Module]]:
+def expert_modules(model: BenchModel) -> list[tuple[str, nn.Module, nn.Module]]:
     """``(conv name, last conv, expert module)`` per expert, from ``model.prunable_convs()``."""
     out = []
     for name, conv in model.prunable_convs():
@@ -90,7 +91,7 @@ def expert_silencer(model: BenchModel, expert: int) -> ChannelMask:
     channels of the head BatchNorm are zeroed, so "dropped" means no output, not a constant from the
     BatchNorm's bias (``.apply()`` zeroes them; :func:`bench.defenses.pruning.hold_pruned` keeps them zero)."""
     layer = model.prunable_layers()[expert]
-    return layer_mask(layer, torch.arange(layer.conv.out_channels))
+    return layer_mask(layer, torch.arange(layer.channels))
 
 
 def reset_expert(module: nn.Module, seed: int) -> None:

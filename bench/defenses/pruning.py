@@ -69,7 +69,7 @@ class ChannelMask:
     """
 
     name: str
-    conv: nn.Conv2d
+    conv: nn.Conv2d | nn.Linear
     pruned: torch.Tensor  # [P] long, sorted
     norm: nn.BatchNorm2d | None = None
     start: int = 0
@@ -136,8 +136,11 @@ def _recorder(layer: PrunableLayer, criterion: Criterion, sums: dict[str, torch.
     span = layer.span() if criterion == "activation" and layer.act is not None else slice(None)
 
     def record(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        # every image has as many positions, so the mean of per-image means is the overall mean
-        sums[layer.name] += output[:, span].detach().double().mean(dim=(2, 3)).sum(0)
+        # every image has as many positions, so the mean of per-image means is the overall mean; a
+        # convolution's output is [N, C, H, W], a linear layer's [N, tokens, C] (channels last)
+        out = output.detach().double()
+        per_image = out[:, span].mean(dim=(2, 3)) if out.dim() == 4 else out[..., span].mean(dim=1)
+        sums[layer.name] += per_image.sum(0)
 
     return record
 
@@ -213,7 +216,7 @@ def prune_stage(
         "criterion": criterion,
         "rate": rate,
         "pruned_channels": sum(len(m.pruned) for m in masks),
-        "channels": sum(m.conv.out_channels for m in masks),
+        "channels": sum(int(m.conv.weight.shape[0]) for m in masks),
         "pruned_layers": len(masks),
         "n_rank": 0 if criterion == "magnitude" else int(len(images)),
         "silenced": int(silence),

@@ -22,6 +22,13 @@ class Routing:
     scores:  ``[N, E, n]`` float, every router score (n = grid rows * grid cols), before top-k.
     grid:    ``(rows, cols)`` of the patch grid.
     patch_px: ``(height, width)`` of one patch in *input* pixels, so maps can be drawn over the image.
+    valid:   ``[N, E, k]`` bool or None. None (pMoE, expert-choice routing): every slot holds a kept patch.
+             Token-choice routing with a capacity (V-MoE) keeps a variable number ``<= k`` of patches per
+             expert: ``k`` is then the capacity, the slots are padded (index 0, gate 0) and ``valid`` marks
+             the real ones. Read selections through :meth:`selection_mask` / :meth:`kept`, never by
+             scattering ``indices`` directly.
+    layers:  the routing of every MoE layer of the model, first to last, for a model with several; the
+             top-level fields then describe the last one (``layers[-1]``). Empty: one MoE layer, this one.
     """
 
     indices: torch.Tensor
@@ -29,17 +36,37 @@ class Routing:
     scores: torch.Tensor
     grid: tuple[int, int]
     patch_px: tuple[int, int]
+    valid: torch.Tensor | None = None
+    layers: tuple[Routing, ...] = ()
 
     @property
     def num_experts(self) -> int:
         return int(self.indices.shape[1])
 
+    def per_layer(self) -> tuple[Routing, ...]:
+        """The routing of every MoE layer, first to last (``(self,)`` for a one-layer model)."""
+        return self.layers or (self,)
+
     def selection_mask(self) -> torch.Tensor:
         """``[N, E, rows, cols]`` bool: True where the expert kept that patch."""
         n, e, _ = self.indices.shape
-        flat = torch.zeros(n, e, self.grid[0] * self.grid[1], dtype=torch.bool, device=self.indices.device)
-        flat.scatter_(2, self.indices, True)
-        return flat.view(n, e, *self.grid)
+        cells = self.grid[0] * self.grid[1]
+        if self.valid is None:
+            flat = torch.zeros(n, e, cells, dtype=torch.bool, device=self.indices.device)
+            flat.scatter_(2, self.indices, True)
+            return flat.view(n, e, *self.grid)
+        # padded slots go to an extra column that is dropped (a scatter of duplicates would be racy)
+        idx = torch.where(self.valid, self.indices, torch.full_like(self.indices, cells))
+        flat = torch.zeros(n, e, cells + 1, dtype=torch.bool, device=self.indices.device)
+        flat.scatter_(2, idx, True)
+        return flat[:, :, :cells].reshape(n, e, *self.grid)
+
+    def kept(self) -> torch.Tensor:
+        """``[N, E]`` long: how many patches each expert kept on each image."""
+        if self.valid is None:
+            n, e, k = self.indices.shape
+            return torch.full((n, e), k, dtype=torch.long, device=self.indices.device)
+        return self.valid.sum(dim=2)
 
 
 @dataclass(frozen=True)
@@ -47,8 +74,11 @@ class PrunableLayer:
     """Output channels that channel pruning (fine-pruning) ranks and silences together: one layer.
 
     name:  label in masks and metrics (for pMoE the expert's convolution, ``moe.experts.0.conv``).
-    conv:  the convolution whose output channels these are. Pruning zeroes its filters and biases at the
-           pruned channels; ``raw-output`` ranks by the mean of its output, ``magnitude`` by its filters.
+    conv:  the convolution (or ``nn.Linear``: a ViT's MLP hidden layer) whose output channels these are.
+           Pruning zeroes its filters and biases at the pruned channels (rows of the weight);
+           ``raw-output`` ranks by the mean of its output, ``magnitude`` by its filters. A convolution's
+           output is ``[N, C, H, W]``; a linear layer's ``[N, tokens, C]`` (channels last), averaged over
+           the tokens.
     norm:  the affine BatchNorm that, followed by a ReLU, turns those channels into the last feature map
            (channels ``start .. start + conv.out_channels`` of it). Pruning also zeroes its weight and bias
            there, so a pruned channel is exactly 0 after the ReLU in train and eval mode alike (and gets no
@@ -60,15 +90,15 @@ class PrunableLayer:
     """
 
     name: str
-    conv: nn.Conv2d
+    conv: nn.Conv2d | nn.Linear
     norm: nn.BatchNorm2d | None = None
     act: nn.Module | None = None
     start: int = 0
 
     @property
     def channels(self) -> int:
-        """Number of prunable output channels (those of ``conv``)."""
-        return int(self.conv.out_channels)
+        """Number of prunable output channels (those of ``conv``: its weight's first dimension)."""
+        return int(self.conv.weight.shape[0])
 
     def span(self) -> slice:
         """The layer's channels in the output of ``norm`` and ``act``."""
@@ -104,6 +134,12 @@ class BenchModel(nn.Module, abc.ABC):
     @abc.abstractmethod
     def forward_routing(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing | None]:
         """Logits ``[N, classes]`` and the routing of this batch (None for models without routing)."""
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """The model's own training loss term of its forwards since the last call, already weighted by
+        the model's coefficient (e.g. an MoE load-balancing loss), or None. The training loop
+        (:func:`bench.train.fit`) adds it to every objective's loss; calling it clears the record."""
+        return None
 
     def parameter_groups(self) -> dict[str, list[str]]:
         """Qualified parameter names per group: ``{"gate": [...], "experts": [...]}``."""
