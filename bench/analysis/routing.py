@@ -223,6 +223,29 @@ def selection_masks(model: nn.Module, x: torch.Tensor, batch_size: int = 512) ->
 
 
 @torch.no_grad()
+def layer_selection_masks(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> list[torch.Tensor]:
+    """Per MoE layer of ``model``, first to last (``Routing.per_layer()``), the ``[N, E, rows, cols]`` bool
+    selection on images ``x`` (eval mode, restored after); the last equals :func:`selection_masks`."""
+    if not has_routing(model):
+        raise NoRoutingError(f"model {type(model).__name__} has no routing; analysis needs a pMoE model")
+    parts: list[list[torch.Tensor]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, x.shape[0], batch_size):
+            routing = model.forward_routing(x[start : start + batch_size])[1]
+            if routing is None:
+                raise NoRoutingError(f"model {type(model).__name__} returned no routing")
+            parts.append([layer.selection_mask() for layer in routing.per_layer()])
+    finally:
+        model.train(was_training)
+    if not parts:
+        rows, cols = model.patch_grid
+        return [torch.zeros(0, 0, rows, cols, dtype=torch.bool, device=x.device)]
+    return [torch.cat(layer) for layer in zip(*parts, strict=True)]
+
+
+@torch.no_grad()
 def routing_metrics(
     model: nn.Module,
     clean_x: torch.Tensor,

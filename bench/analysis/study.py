@@ -22,8 +22,8 @@ from bench.analysis.routing import (
     NoRoutingError,
     RoutingTally,
     has_routing,
+    layer_selection_masks,
     patch_touch_mask,
-    selection_masks,
 )
 from bench.attacks.poison import asr_mask, triggered_test_set
 from bench.errors import BenchError, StoreError
@@ -123,20 +123,26 @@ def _analyze_group(
     clean_x, triggered_x, trigger = _image_sets(group, data.test_x, data.test_y, first, opts, store)
     touch = patch_touch_mask(trigger, tuple(clean_x.shape[1:]), grid) if trigger is not None else None
     clean_sel, trig_sel, metrics = {}, {}, {}
+    clean_layers: dict[str, list[torch.Tensor]] = {}
+    trig_layers: dict[str, list[torch.Tensor]] = {}
     records = store.records([ref.eval_job for ref in group.models])
     for ref in group.models:
         if ref.label not in models:
             continue
         model = models[ref.label]
-        clean_sel[ref.label] = selection_masks(model, clean_x, opts.batch_size)
+        # every MoE layer's selection (the last one is the model's routing, which the metrics describe)
+        clean_layers[ref.label] = layer_selection_masks(model, clean_x, opts.batch_size)
+        clean_sel[ref.label] = clean_layers[ref.label][-1]
         tally = RoutingTally(int(clean_sel[ref.label].shape[1]), grid, touch)
         if triggered_x is not None:
-            trig_sel[ref.label] = selection_masks(model, triggered_x, opts.batch_size)
+            trig_layers[ref.label] = layer_selection_masks(model, triggered_x, opts.batch_size)
+            trig_sel[ref.label] = trig_layers[ref.label][-1]
         tally.update(clean_sel[ref.label], trig_sel.get(ref.label))
         record = records.get(ref.eval_job)
         stored = {k: record.metrics[k] for k in ("ba", "asr") if record is not None and k in record.metrics}
         metrics[ref.label] = {**stored, **tally.result()}
     files = _draw(group, clean_x, triggered_x, clean_sel, trig_sel, touch, out, opts)
+    files += _draw_layers(group, clean_x, triggered_x, clean_layers, trig_layers, touch, out, opts)
     summary = out / f"{group.stem}-metrics.json"
     summary.write_text(json.dumps({"setting": group.title, "models": metrics}, indent=2), encoding="utf-8")
     return SettingResult(group, metrics, [*files, summary], skipped)
@@ -204,5 +210,50 @@ def _draw(
     files.append(maps.draw_patch_values(
         values, out / f"{group.stem}-patch-values.png",
         f"{group.title}: mean pixel value of kept patches ({n} images)",
+    ))
+    return files
+
+
+def per_layer_labels(layers: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``"<label>, MoE layer i/L"`` -> selection, for every model with more than one MoE layer (empty when
+    no model has several: the main pictures already show the only layer)."""
+    return {
+        f"{label}, MoE layer {i + 1}/{len(sels)}": sel
+        for label, sels in layers.items() if len(sels) > 1
+        for i, sel in enumerate(sels)
+    }
+
+
+def _draw_layers(
+    group: Group,
+    clean_x: torch.Tensor,
+    triggered_x: torch.Tensor | None,
+    clean_layers: dict[str, list[torch.Tensor]],
+    trig_layers: dict[str, list[torch.Tensor]],
+    touch: torch.Tensor | None,
+    out: Path,
+    opts: AnalysisOptions,
+) -> list[Path]:
+    """For models with several MoE layers (V-MoE): token routing over the patch grid per MoE layer, as
+    selection maps of the shown images and as frequency heat maps over all images."""
+    clean = per_layer_labels(clean_layers)
+    if not clean:
+        return []
+    trig = per_layer_labels(trig_layers)
+    gen = torch.Generator().manual_seed(opts.image_seed)
+    pick = torch.randperm(len(clean_x), generator=gen)[: opts.images].to(clean_x.device)
+    files = [maps.draw_selection_maps(
+        clean_x[pick], {k: v[pick] for k, v in clean.items()}, out / f"{group.stem}-layers-selection.png",
+        triggered_x[pick] if triggered_x is not None else None, {k: v[pick] for k, v in trig.items()} or None,
+        touch, f"{group.title}: tokens each expert keeps, per MoE layer",
+    )]
+    freqs = {}
+    for label, sel in clean.items():
+        freqs[f"{label}, clean"] = maps.selection_frequency(sel)
+        if label in trig:
+            freqs[f"{label}, triggered"] = maps.selection_frequency(trig[label])
+    files.append(maps.draw_frequency_maps(
+        freqs, out / f"{group.stem}-layers-frequency.png", touch,
+        f"{group.title}: how often each expert keeps each token, per MoE layer ({len(clean_x)} images)",
     ))
     return files
