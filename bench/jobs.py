@@ -298,9 +298,9 @@ def _no_op() -> None:
 
 
 RUNNERS: dict[str, Callable[[Job, JobContext], JobOutput]] = {
-    "train": lambda job, ctx: run_train(job.spec, ctx),
+    "train": lambda job, ctx: run_train(job.runnable_spec(), ctx),
     "evaluate": lambda job, ctx: run_evaluate(job.spec, job.deps, ctx),
-    "defend": lambda job, ctx: run_defend(job.spec, job.deps, ctx),
+    "defend": lambda job, ctx: run_defend(job.runnable_spec(), job.deps, ctx),
 }
 
 

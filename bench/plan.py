@@ -21,15 +21,21 @@ from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import torch
+
 from bench import applicability
 from bench.errors import ScenarioError
+from bench.precision import hardware_key, quantization_aware, resolve_channels_last, resolve_precision
 from bench.registry import REGISTRY
-from bench.scenario import ResolvedScenario
+from bench.scenario import SPEED_ONLY_TRAIN_KEYS, ResolvedScenario
 
 JOB_SCHEMA_VERSION = 1
 
 # Train settings that only affect evaluation; kept out of training specs so changing them retrains nothing.
 EVAL_ONLY_TRAIN_KEYS = frozenset({"eval_batch_size"})
+# Train settings that only affect speed (bench.scenario.SPEED_ONLY_TRAIN_KEYS): never in any job's spec; the
+# train and defend jobs carry them as ``Job.settings`` and record them with their environment.
+NOT_IN_TRAINING_SPEC = EVAL_ONLY_TRAIN_KEYS | SPEED_ONLY_TRAIN_KEYS
 
 # Training-set sizes of the built-in data sets, for the cost estimate only (no data is loaded to plan).
 TRAIN_SIZE_HINT = {"digits": 1437, "mnist": 60000, "fashion-mnist": 60000, "cifar10": 50000, "gtsrb": 39209}
@@ -86,12 +92,21 @@ def _canonical(value: Any, memo: dict[int, tuple[Any, str]] | None) -> str:
 
 @dataclass(frozen=True)
 class Job:
-    """A unit of work: ``kind`` selects the function, ``spec`` is everything it needs."""
+    """A unit of work: ``kind`` selects the function, ``spec`` is everything it needs that can change its
+    result (the id hashes it); ``settings`` how fast to compute it (``channels_last``, ``compile``: not hashed,
+    merged into ``spec["train"]`` when the job runs)."""
 
     id: str
     kind: str
     spec: dict[str, Any]
     deps: tuple[str, ...] = ()
+    settings: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def runnable_spec(self) -> dict[str, Any]:
+        """The spec a runner reads: ``spec`` with ``settings`` merged into its ``train`` (when it has one)."""
+        if not self.settings or "train" not in self.spec:
+            return self.spec
+        return {**self.spec, "train": {**self.spec["train"], **self.settings}}
 
 
 @dataclass(slots=True)
@@ -127,6 +142,8 @@ class Plan:
     cells: list[Cell] = field(default_factory=list)
     #: one entry per defend job (dataset, model, attack, rate, seed, defense, job id): detection metrics
     defenses: list[dict[str, Any]] = field(default_factory=list)
+    #: the hardware the ``auto`` settings were resolved for (:func:`bench.precision.hardware_key`)
+    hardware: str = ""
 
     def by_id(self) -> dict[str, Job]:
         return {job.id: job for job in self.jobs}
@@ -165,10 +182,15 @@ def train_images(spec: dict[str, Any]) -> int:
     return int(spec["train"]["epochs"]) * size
 
 
-def build(resolved: ResolvedScenario) -> Plan:
+def build(resolved: ResolvedScenario, device: torch.device | None = None) -> Plan:
     """Expand the scenario's matrix into cells and deduplicated jobs, after checking every combination
     that can be checked without data (:mod:`bench.applicability`): mistakes raise :class:`ScenarioError`
-    naming the file and field, combinations that cannot run become not-applicable cells without jobs."""
+    naming the file and field, combinations that cannot run become not-applicable cells without jobs.
+
+    ``device``: where the jobs will run, for ``precision: auto`` and ``channels_last: auto``
+    (:mod:`bench.precision`); None = the scenario's ``device`` on this machine."""
+    if device is None:
+        device = planning_device(resolved.scenario.device)
     try:
         geometries = _geometries(resolved)
     except ScenarioError as exc:
@@ -178,7 +200,9 @@ def build(resolved: ResolvedScenario) -> Plan:
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _build(resolved, geometries)
+        plan = _build(resolved, geometries, device)
+        plan.hardware = hardware_key(device)
+        return plan
     finally:
         if enabled:
             gc.enable()
@@ -227,14 +251,37 @@ def origin_of(origins: dict[str, list[int]], field: str, index: int) -> int:
     return found[index] if found and index < len(found) else index
 
 
-def _build(resolved: ResolvedScenario, checks: dict[tuple[int, int], _PairChecks]) -> Plan:
+def planning_device(requested: str) -> torch.device:
+    """The device a scenario's ``device`` names on this machine (``auto``: CUDA when present, else CPU);
+    a name torch does not know plans as CPU (the run itself reports it)."""
+    try:
+        if requested == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(requested)
+    except RuntimeError:
+        return torch.device("cpu")
+
+
+def _training(train: dict[str, Any], attack: dict[str, Any] | None, device: torch.device
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A train setting as one training job's spec (``precision`` resolved, evaluation-only and speed-only
+    keys out) and its speed settings (``channels_last`` resolved, ``compile``)."""
+    fit = {k: v for k, v in train.items() if k not in NOT_IN_TRAINING_SPEC}
+    fit["precision"] = resolve_precision(train["precision"], device, quantization_aware(train, attack))
+    settings = {"channels_last": resolve_channels_last(train["channels_last"], device),
+                "compile": bool(train["compile"])}
+    return fit, settings
+
+
+def _build(resolved: ResolvedScenario, checks: dict[tuple[int, int], _PairChecks], device: torch.device) -> Plan:
     plan = Plan(resolved.name)
     jobs: dict[str, Job] = {}
     memo: dict[int, tuple[Any, str]] = {}
 
-    def add(kind: str, spec: dict[str, Any], deps: tuple[str, ...] = ()) -> str:
+    def add(kind: str, spec: dict[str, Any], deps: tuple[str, ...] = (),
+            settings: dict[str, Any] | None = None) -> str:
         jid = job_id(kind, spec, deps, memo)
-        jobs.setdefault(jid, Job(jid, kind, spec, deps))
+        jobs.setdefault(jid, Job(jid, kind, spec, deps, settings or {}))
         return jid
 
     quant_texts = [_canonical(None if q["label"] == "fp32" else q, memo) for q in resolved.quant]
@@ -278,11 +325,20 @@ def _build(resolved: ResolvedScenario, checks: dict[tuple[int, int], _PairChecks
     stages = {d["name"]: defense_stages(d["name"]) for d in resolved.defenses}
     attack_index = {id(a): i for i, a in enumerate(resolved.attacks)}
     defended_jobs: set[str] = set()
-    for (di, dataset), (mi, model), train, seed in itertools.product(
+    # per train setting: its training spec and speed settings for plain and quantization-aware training
+    # (which resolve precision: auto differently), built once so the planner's memo serialises each once
+    trainings = {}
+    for scenario_train in resolved.train:
+        (fit, settings), (qa_fit, qa_settings) = (_training(scenario_train, None, device),
+                                                  _training(scenario_train, {"objective": True}, device))
+        shown = {**scenario_train, "precision": fit["precision"], "channels_last": settings["channels_last"]}
+        trainings[id(scenario_train)] = (fit, settings, shown, qa_fit, qa_settings,
+                                         {**shown, "precision": qa_fit["precision"]})
+    for (di, dataset), (mi, model), scenario_train, seed in itertools.product(
         enumerate(resolved.datasets), enumerate(resolved.models), resolved.train, scenario.seeds
     ):
         pair = checks[(di, mi)]
-        fit = {k: v for k, v in train.items() if k not in EVAL_ONLY_TRAIN_KEYS}
+        fit, settings, train, qa_fit, qa_settings, qa_train = trainings[id(scenario_train)]
         train_na = applicability.train_not_applicable(fit, pair.capabilities, model["name"])
         if train_na is not None:  # e.g. QAT of the experts of a dense model: nothing of this setting runs
             for attack, rate in attacks:
@@ -290,18 +346,22 @@ def _build(resolved: ResolvedScenario, checks: dict[tuple[int, int], _PairChecks
                                       [""] * len(resolved.quant), train_na)
             continue
         base = {"dataset": dataset, "model": model, "train": fit, "seed": seed}
-        clean_train = add("train", {**base, "attack": None, "poison_rate": None})
+        clean_train = add("train", {**base, "attack": None, "poison_rate": None}, settings=settings)
         clean_evals = evaluations(clean_train, None, None, dataset, model, train, pair.quant)
+        qa_base = {**base, "train": qa_fit}
         for attack, rate in attacks:
             attack_na = None if attack is None else pair.attacks[attack_index[id(attack)]]
             if attack_na is not None:  # planned as n/a: no training, no evaluation, no defense
                 _not_applicable_cells(plan, resolved, stages, dataset, model, attack, rate, seed, train,
                                       clean_evals, attack_na)
                 continue
+            aware = attack is not None and quantization_aware(fit, attack)
+            job_base, job_train, job_settings = (qa_base, qa_train, qa_settings) if aware else (base, train, settings)
             train_job = (
-                clean_train if attack is None else add("train", {**base, "attack": attack, "poison_rate": rate})
+                clean_train if attack is None
+                else add("train", {**job_base, "attack": attack, "poison_rate": rate}, settings=job_settings)
             )
-            trained_evals = evaluations(train_job, attack, None, dataset, model, train, pair.quant)
+            trained_evals = evaluations(train_job, attack, None, dataset, model, job_train, pair.quant)
             for quant, own, clean, na in zip(resolved.quant, trained_evals, clean_evals, pair.quant, strict=True):
                 plan.cells.append(Cell(dataset, model, attack, rate, seed, train, train_job if na is None else "",
                                        own, clean, quant, not_applicable=na))
@@ -312,8 +372,8 @@ def _build(resolved: ResolvedScenario, checks: dict[tuple[int, int], _PairChecks
                 entry = {"dataset": dataset, "model": model, "attack": attack, "poison_rate": rate, "seed": seed,
                          "train": train, "defense": defense, "job": ""}
                 if defense_na is None:
-                    defend_job = add("defend", {**base, "attack": attack, "poison_rate": rate, "defense": defense},
-                                     (train_job,))
+                    defend_job = add("defend", {**job_base, "attack": attack, "poison_rate": rate, "defense": defense},
+                                     (train_job,), job_settings)
                     if defend_job not in defended_jobs:  # train grids over evaluation-only keys share it
                         defended_jobs.add(defend_job)
                         plan.defenses.append({**entry, "job": defend_job})
@@ -326,7 +386,7 @@ def _build(resolved: ResolvedScenario, checks: dict[tuple[int, int], _PairChecks
                             plan.cells.append(Cell(dataset, model, attack, rate, seed, train, "", "", clean, quant,
                                                    staged, before, not_applicable=defense_na))
                         continue
-                    defended = evaluations(defend_job, attack, stage, dataset, model, train, pair.quant)
+                    defended = evaluations(defend_job, attack, stage, dataset, model, job_train, pair.quant)
                     for quant, own, clean, before, na in zip(
                         resolved.quant, defended, clean_evals, trained_evals, pair.quant, strict=True
                     ):

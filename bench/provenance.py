@@ -31,13 +31,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    """The hardware and numerics settings a job on ``device`` ran with (called where the job ran)."""
+def environment(device: torch.device, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The hardware and numerics settings a job on ``device`` ran with (called where the job ran), with the
+    job's speed-only settings (``channels_last``, ``compile``: :attr:`bench.plan.Job.settings`), which are
+    not in its spec."""
     env: dict[str, Any] = {
         "device_type": device.type,
         "torch": torch.__version__,
         "deterministic": torch.are_deterministic_algorithms_enabled(),
     }
+    if settings:
+        env["speed_settings"] = dict(settings)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         env.update(

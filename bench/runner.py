@@ -25,6 +25,7 @@ from bench.execute.pool import execute_parallel
 from bench.execute.ray_cluster import RayCluster, check_shares, execute_ray
 from bench.jobs import DatasetCache, JobContext
 from bench.plots import draw_plots
+from bench.precision import hardware_key
 from bench.provenance import mixed_hardware_warning
 from bench.registry import REGISTRY
 from bench.store import JobRecord, Store, git_commit, open_existing, remove_store
@@ -38,6 +39,17 @@ class Prepared:
 
     resolved: scenarios.ResolvedScenario
     plan: planning.Plan
+    smoke: bool = False  # the plan is the toy plan of :func:`bench.smoke.smoke_plan`
+
+    def for_device(self, device: torch.device) -> Prepared:
+        """This scenario planned for ``device``: the same plan when its ``auto`` settings
+        (:mod:`bench.precision`) resolve alike there, else planned again for it."""
+        if self.plan.hardware == hardware_key(device):
+            return self
+        from bench.smoke import smoke_plan
+
+        plan = planning.build(self.resolved, device)
+        return _checked(Prepared(self.resolved, smoke_plan(plan) if self.smoke else plan, self.smoke))
 
 
 def prepare(path: str | Path, plugins: list[str] | None = None, smoke: bool = False,
@@ -72,7 +84,7 @@ def prepare_raw(raw: dict[str, Any], source: str, base_dir: Path, plugins: list[
     source = f"{source}{describe(overrides or [])}" + (" (smoke)" if smoke else "")
     resolved = scenarios.resolve(raw, source=source, base_dir=base_dir, extra_plugins=plugins)
     plan = planning.build(resolved)
-    return _checked(Prepared(resolved, smoke_plan(plan) if smoke else plan))
+    return _checked(Prepared(resolved, smoke_plan(plan) if smoke else plan, smoke))
 
 
 def _checked(prepared: Prepared) -> Prepared:
@@ -278,6 +290,7 @@ def run_prepared(
     cluster = RayCluster(address) if executor == "ray" else None
     try:
         dev = cluster.device(requested) if cluster is not None else local_device(requested)
+        prepared = prepared.for_device(dev)
         if cluster is not None:
             check_shares(cpus_per_job or 1.0, gpus_per_job, dev)
         name = prepared.resolved.name

@@ -45,9 +45,12 @@ class TrainSpec(_Strict):
     weight_decay: float = Field(5e-4, ge=0)
     schedule: Literal["constant", "cosine"] = "constant"
     augment: Literal["auto", "none", "crop", "crop_flip"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
-    channels_last: bool = False
-    compile: bool = False
+    #: ``auto``: bf16 autocast where the hardware computes bf16 natively, fp32 elsewhere and for
+    #: quantization-aware training (:mod:`bench.precision`); resolved when the run is planned.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    #: speed-only (not in the job's identity): ``auto`` = on for CPU and CUDA.
+    channels_last: bool | Literal["auto"] = "auto"
+    compile: bool = False  # speed-only (not in the job's identity)
     eval_batch_size: int = Field(1024, ge=1)
     qat_bits: int | None = Field(None, ge=2, le=16)
     qat_scope: Literal["gate", "experts", "whole"] = "whole"
@@ -377,8 +380,17 @@ def resolve(
     )
 
 
+#: Train settings that change how fast a job runs, never what it computes: not in a job's identity, so
+#: changing them retrains nothing (they are recorded with each job's environment instead).
+SPEED_ONLY_TRAIN_KEYS = frozenset({"channels_last", "compile"})
+
+
 def _resolve_train(train: dict[str, Any]) -> list[dict[str, Any]]:
     _check_grids(train, "train")
+    for key in sorted(SPEED_ONLY_TRAIN_KEYS):
+        if isinstance(train.get(key), dict):
+            raise ScenarioError(f"train.{key}: a speed-only setting (not part of a job's identity, it cannot "
+                                f"change a result) takes one value, not a grid; time two runs to compare speeds")
     out = []
     for concrete in expand_grid(train):
         try:

@@ -180,7 +180,7 @@ def smoke_plan(plan: Plan) -> Plan:
             continue
         needed.add(jid)
         stack.extend(jobs[jid].deps)
-    out = Plan(plan.name, [job for job in plan.jobs if job.id in needed], kept)
+    out = Plan(plan.name, [job for job in plan.jobs if job.id in needed], kept, hardware=plan.hardware)
     out.defenses = [d for d in plan.defenses if d["job"] in needed or d.get("not_applicable")]
     return out
 

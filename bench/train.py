@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.errors import TrainingDiverged
+from bench.precision import resolve_channels_last, resolve_precision
 
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 EpochCallback = Callable[[int, int, float], None]
@@ -189,10 +190,13 @@ def fit(
     """
     epochs = int(epochs if epochs is not None else cfg["epochs"])
     device = x.device
+    aware = bool(cfg.get("qat_bits")) or bool(getattr(objective, "quantization_aware", False))
+    precision = resolve_precision(cfg.get("precision", "fp32"), device, aware)
+    channels_last = resolve_channels_last(cfg.get("channels_last", False), device)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     cpu_gen = torch.Generator().manual_seed(seed)
-    if cfg.get("channels_last"):
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(trainable if trainable is not None else model.parameters(), cfg)
     steps_per_epoch = math.ceil(len(x) / cfg["batch_size"])
@@ -206,13 +210,13 @@ def fit(
     frames_before = 0
     if cfg.get("compile"):
         backend = compile_backend or os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
-        tag = f"{cfg.get('precision', 'fp32')}|{'cl' if cfg.get('channels_last') else 'c'}|{device.type}"
+        tag = f"{precision}|{'cl' if channels_last else 'c'}|{device.type}"
         fn, first_compile = compiled_forward(model, backend, tag)
         step_model = CompiledStep(model, fn)
         frames_before = _frames_compiled()
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if cfg.get("precision") == "bf16"
+        if precision == "bf16"
         else contextlib.nullcontext()
     )
     before_batch = getattr(objective, "before_batch", None)
@@ -234,7 +238,7 @@ def fit(
                 if before_batch is not None:
                     before_batch(host_order[begin : begin + cfg["batch_size"]])
                 xb = augment_batch(x[idx], augment, generator)
-                if cfg.get("channels_last"):
+                if channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 full = xb.shape[0] == cfg["batch_size"]
                 with autocast:
@@ -265,7 +269,7 @@ def fit(
                 on_epoch(epoch + 1, epochs, mean_loss)
     finally:
         model.train(was_training)
-        if cfg.get("channels_last"):
+        if channels_last:
             model.to(memory_format=torch.contiguous_format)
     result.seconds = time.perf_counter() - start
     if cfg.get("compile"):

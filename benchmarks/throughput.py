@@ -3,8 +3,12 @@ with the share of the device's measured dense matmul peak *in the run's precisio
 for bf16 runs, a TF32 peak when TF32 is on, else fp32; the label says which), and peak memory. Timings
 synchronise the device in use (``cuda:1`` is not the default device).
 
-    python benchmarks/throughput.py [--device cpu] [--steps 20] [--precision fp32|bf16] [--channels-last] [--compile]
-        [--only paper|small] [--loop] [--tf32]
+    python benchmarks/throughput.py [--device cpu] [--steps 20] [--precision fp32|bf16|auto] [--channels-last]
+        [--compile] [--only paper|small] [--loop] [--tf32] [--defaults]
+
+``--defaults`` measures the training defaults against each other on this device: the old default (fp32,
+contiguous memory) against today's (``precision: auto``, ``channels_last: auto``: :mod:`bench.precision`),
+alternating the two three times and reporting the best of each and their ratio.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench.precision import resolve_channels_last, resolve_precision
 from bench.registry import REGISTRY
 from bench.train import resolve_device
 
@@ -121,18 +126,47 @@ def loop_overhead(name: str, params: dict, shape: tuple[int, int, int], device: 
     return {"loop_ms": loop * 1000, "bare_ms": bare * 1000, "overhead": max(0.0, loop - bare) / loop}
 
 
+CASES = [
+    ("pmoe-paper", {}, (3, 32, 32)),
+    ("pmoe (quickstart)", {"width": 1, "experts": 4, "topk": 4}, (1, 16, 16)),
+]
+
+
+def compare_defaults(device: torch.device, steps: int, only: str | None) -> None:
+    """Images/s of the old default training setting against today's ``auto`` ones, best of 3 alternations."""
+    new_precision = resolve_precision("auto", device)
+    new_layout = resolve_channels_last("auto", device)
+    print(f"device {device}, threads {torch.get_num_threads()}; today's defaults resolve to {new_precision}"
+          f"{' + channels_last' if new_layout else ''}")
+    cases = CASES if only is None else CASES[:1] if only == "paper" else CASES[1:]
+    for label, params, shape in cases:
+        name = label.split()[0]
+        old = new = 0.0
+        for _ in range(3):  # alternated, so a drift of the host's speed hits both alike
+            old = max(old, measure(name, params, shape, device, steps, "fp32", False)["images_per_s"])
+            new = max(new, measure(name, params, shape, device, steps, new_precision, new_layout)["images_per_s"])
+        print(f"{label:20s} batch 128 {shape}: fp32 {old:8.1f} images/s, defaults {new:8.1f} images/s: "
+              f"{new / old:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (the train setting)")
     parser.add_argument("--only", choices=["paper", "small"], help="measure one of the two models")
     parser.add_argument("--loop", action="store_true", help="also time the real training loop (bench.train.fit)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls and convolutions (CUDA)")
+    parser.add_argument("--defaults", action="store_true",
+                        help="the old default (fp32, contiguous) against today's (precision and channels_last auto)")
     args = parser.parse_args()
     device = resolve_device(args.device)
+    args.precision = resolve_precision(args.precision, device)
+    if args.defaults:
+        compare_defaults(device, args.steps, args.only)
+        return
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -140,10 +174,7 @@ def main() -> None:
     peak = matmul_peak_flops(device, args.precision)
     print(f"device {device}, threads {torch.get_num_threads()}, measured {peak_kind} matmul peak "
           f"{peak / 1e9:.1f} GFLOP/s")
-    cases = [
-        ("pmoe-paper", {}, (3, 32, 32)),
-        ("pmoe (quickstart)", {"width": 1, "experts": 4, "topk": 4}, (1, 16, 16)),
-    ]
+    cases = CASES
     if args.only:
         cases = cases[:1] if args.only == "paper" else cases[1:]
     for label, params, shape in cases:

@@ -61,12 +61,18 @@ def digits8() -> TensorData:
 # -- a tiny BadNets-backdoored pMoE, shared by the defense tests ------------------------------------------
 TINY_PMOE = {"name": "pmoe", "width": 1, "experts": 2, "topk": 2}
 
+#: Train settings that pin what ``auto`` would choose per CPU (bf16 only where the CPU computes it): tests
+#: whose thresholds were measured on a model trained in fp32 train it so on every machine.
+FP32: dict[str, Any] = {"precision": "fp32", "channels_last": False}
+
 
 def defense_cfg(**kw: Any) -> dict[str, Any]:
-    """The resolved train settings the tiny backdoored model was trained with (overridable)."""
+    """The resolved train settings the tiny backdoored model was trained with (overridable): fp32 and the
+    contiguous layout, pinned, so the defense tests see the same model on every CPU (``precision: auto``
+    would train it in bf16 on CPUs with AMX or AVX512-BF16 only)."""
     from bench.scenario import TrainSpec
 
-    return TrainSpec(**{"epochs": 4, "batch_size": 64, "lr": 0.05, **kw}).model_dump()
+    return TrainSpec(**{"epochs": 4, "batch_size": 64, "lr": 0.05, **FP32, **kw}).model_dump()
 
 
 def defense_ctx(data: TensorData, n: int = 144, **kw: Any) -> Any:

@@ -11,6 +11,7 @@ from bench import scenario as sc
 from bench.quant import QuantConfig, backends, quantized
 from bench.registry import REGISTRY
 from bench.train import fit
+from tests.conftest import FP32
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,7 @@ def test_x86_lowers_to_int8_kernels_and_predicts(one_thread):
     torch.manual_seed(0)
     model = REGISTRY.get("model", "pmoe").create(input_shape=data.input_shape, num_classes=10, mean=data.mean,
                                                  std=data.std, width=1, experts=2, topk=4)
-    fit(model, data.train_x, data.train_y, sc.TrainSpec(epochs=1, batch_size=32, lr=0.05).model_dump(), seed=0,
+    fit(model, data.train_x, data.train_y, sc.TrainSpec(epochs=1, batch_size=32, lr=0.05, **FP32).model_dump(), seed=0,
         augment="none")
     model.eval()
     cfg = QuantConfig(bits=8, backend="torch-x86")

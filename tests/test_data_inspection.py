@@ -24,6 +24,7 @@ from bench.jobs import build_model, poisoned_training_data
 from bench.registry import REGISTRY
 from bench.scenario import TrainSpec
 from bench.train import fit
+from tests.conftest import FP32
 
 MODEL = {"name": "pmoe", "width": 1, "experts": 2, "topk": 4}
 TARGET = 0
@@ -35,7 +36,7 @@ def attacked(one_thread):
     trigger = BadNets(size=2, position="top-left")
     spec = {"attack": {"name": "badnets", "target": TARGET}, "poison_rate": 0.03, "seed": 0}
     poisoned = poisoned_training_data(spec, data, trigger)
-    cfg = TrainSpec(epochs=4, batch_size=32, lr=0.05).model_dump()
+    cfg = TrainSpec(epochs=4, batch_size=32, lr=0.05, **FP32).model_dump()
 
     def fresh():
         torch.manual_seed(0)

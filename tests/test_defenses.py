@@ -37,6 +37,7 @@ from bench.models.base import BenchModel
 from bench.registry import REGISTRY
 from bench.scenario import TrainSpec
 from bench.train import fit
+from tests.conftest import FP32
 
 FAST = settings(max_examples=15, deadline=None)
 TARGET = 0
@@ -63,7 +64,7 @@ def backdoored(digits8: TensorData) -> Backdoored:
     model = build_model(TINY, digits8)
     trigger = BadNets(size=2, position="top-left")
     poisoned = poison_training_set(digits8.train_x, digits8.train_y, trigger, TARGET, 0.1, seed=0)
-    cfg = TrainSpec(epochs=4, batch_size=64, lr=0.05).model_dump()
+    cfg = TrainSpec(epochs=4, batch_size=64, lr=0.05, **FP32).model_dump()
     fit(model, poisoned.x, poisoned.y, cfg, seed=0)
     before = evaluate(model, digits8, trigger, TARGET)
     assert before["asr"] > 0.95 and before["ba"] > 0.9, before  # the fixture really is backdoored
@@ -86,7 +87,7 @@ def fresh(data: TensorData, seed: int = 0) -> BenchModel:
 
 
 def small_cfg(**kw: Any) -> dict[str, Any]:
-    return TrainSpec(**{"epochs": 1, "batch_size": 32, "lr": 0.05, **kw}).model_dump()
+    return TrainSpec(**{"epochs": 1, "batch_size": 32, "lr": 0.05, **FP32, **kw}).model_dump()
 
 
 # ------------------------------------------------------------------------------------------- registry

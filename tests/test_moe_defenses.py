@@ -33,7 +33,7 @@ from bench.models.base import BenchModel
 from bench.registry import REGISTRY
 from bench.scenario import TrainSpec
 from bench.train import fit
-from tests.conftest import tiny_scenario
+from tests.conftest import FP32, tiny_scenario
 
 TARGET = 0
 TINY = {"name": "pmoe", "width": 1, "experts": 2, "topk": 4}
@@ -60,7 +60,7 @@ def backdoored(digits16: TensorData, one_thread: None) -> Backdoored:
     model = build_model(TINY, digits16)
     trigger = BadNets(size=2, position="top-left")
     poisoned = poison_training_set(digits16.train_x, digits16.train_y, trigger, TARGET, 0.1, seed=0)
-    cfg = TrainSpec(epochs=3, batch_size=64, lr=0.05).model_dump()
+    cfg = TrainSpec(epochs=3, batch_size=64, lr=0.05, **FP32).model_dump()
     fit(model, poisoned.x, poisoned.y, cfg, seed=0)
     before = evaluate(model, digits16, trigger, TARGET)
     assert before["asr"] > 0.95 and before["ba"] > 0.8, before  # the fixture really is backdoored

@@ -52,7 +52,7 @@ from bench.search.study import (
 )
 from bench.search.trial import TrialRunner, fp32_state
 from bench.store import Store
-from tests.conftest import tiny_scenario
+from tests.conftest import FP32, tiny_scenario
 
 STRENGTH_01 = {"path": "attacks.0.strength", "type": "categorical", "choices": [0.0, 1.0]}
 
@@ -61,7 +61,7 @@ def search_scenario(name: str = "tiny", epochs: int = 1, **search_block: Any) ->
     """A single-cell tiny scenario evaluated at fp32 and int8, with a ``search:`` block."""
     return tiny_scenario(
         name=name,
-        train={"epochs": epochs, "batch_size": 64, "optimizer": "adam", "lr": 0.01},
+        train={"epochs": epochs, "batch_size": 64, "optimizer": "adam", "lr": 0.01, **FP32},
         attacks=[{"name": "badnets", "size": 3, "position": "top-left", "target": 0}],
         quantization={"bits": ["fp32", 8]},
         search={"sampler": "random", "pruner": "none", **search_block},

@@ -396,6 +396,9 @@ class QCBObjective:
     their weighted sum and advances the phase counter.
     """
 
+    #: trains against a quantizer: ``precision: auto`` keeps it in fp32 (:mod:`bench.precision`)
+    quantization_aware = True
+
     def __init__(
         self, spec: QCBSpec, model: nn.Module, handle: QATHandle, trigger: Trigger, target: int, n_train: int,
         marked: Tensor | None = None,

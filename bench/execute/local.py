@@ -65,7 +65,7 @@ def record_job(store: Store, job: Job, out: JobOutput, seconds: float, device: t
     the row is what marks the job done, so a crash between the two only costs the job."""
     artifact, checksums = store.save_outputs(job.id, out.state, out.stages)
     store.record(job.id, job.kind, job.spec, list(job.deps), out.metrics, seconds, str(device), artifact,
-                 environment(device), checksums, computed_by)
+                 environment(device, job.settings), checksums, computed_by)
 
 
 def execute(plan: Plan, store: Store, device: torch.device, reporter: Reporter | None = None,

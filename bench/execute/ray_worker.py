@@ -139,5 +139,5 @@ class JobWorker:
         self.jobs += 1
         return {"metrics": out.metrics, "artifact": artifact, "checksums": checksums,
                 "seconds": time.perf_counter() - t0,
-                "device": self.device.type, "environment": environment(self.device),
+                "device": self.device.type, "environment": environment(self.device, job.settings),
                 "worker": {"pid": os.getpid(), "jobs": self.jobs, "data_loads": self.ctx.loads}}
