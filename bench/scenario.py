@@ -317,7 +317,7 @@ def _validation_message(exc: ValidationError) -> str:
         else:
             got = err.get("input")
             shown = "" if isinstance(got, dict | list) else f", got {got!r}"
-            lines.append(f"{path}: {msg}{shown}")
+            lines.append(f"{path}: {msg}{shown}" if path else f"{msg}{shown}")  # model-level checks name their field
     return "; ".join(lines)
 
 

@@ -102,3 +102,10 @@ def test_shipped_scenarios_validate():
     assert files, "scenarios/ ships example files"
     for path in files:
         sc.load(path)
+
+
+def test_a_whole_scenario_check_names_its_field_once():
+    """A check over the whole scenario (no field location of its own) names the field in its message."""
+    with pytest.raises(ScenarioError) as err:
+        sc.resolve(tiny_scenario(report={"min_seeds": 3}), source="s.yaml")
+    assert str(err.value).startswith("s.yaml: report.min_seeds: 3 seeds required")
