@@ -296,7 +296,9 @@ def test_bench_run_and_analyze_end_to_end(tmp_path):
         "poison_rates": [0.1],
         "quantization": {"bits": ["fp32", 4], "scopes": ["gate", "experts", "whole"]},
         "defenses": [{"name": "fine-pruning", "rate": 0.2, "epochs": 1},
-                     {"name": "expert-pruning", "source": "oracle", "epochs": 1}],
+                     {"name": "expert-pruning", "source": "oracle", "epochs": 1},
+                     {"name": "neural-cleanse", "steps": 2, "batch_size": 8},
+                     {"name": "strip", "n": 4, "test_limit": 16}],
     }
     path = tmp_path / "vmoe.yaml"
     path.write_text(yaml.safe_dump(scenario, sort_keys=False))
@@ -313,13 +315,19 @@ def test_bench_run_and_analyze_end_to_end(tmp_path):
     # vmoe: every quantization scope, both attacks, both defenses, routing metrics
     assert {r["quant"] for r in vmoe_rows} == {"fp32", "int4/gate", "int4/experts", "int4/whole"}
     assert {r["attack"] for r in vmoe_rows} == {"clean", "badnets (apply=image)", "badnets (apply=badpatches)"}
-    assert {r["defense"].split(" / ")[0] for r in vmoe_rows} == {"-", "fine-pruning", "expert-pruning"}
+    assert {r["defense"].split(" / ")[0] for r in vmoe_rows} == {"-", "fine-pruning", "expert-pruning",
+                                                                 "neural-cleanse"}
     attacked = [r for r in vmoe_rows if r["attack"] != "clean"]
     assert all(r["asr_mean"] is not None and r["jaccard_mean"] is not None for r in attacked)
     # vit (dense): the whole-model scope and fine-pruning only; badpatches, gate/experts, expert-pruning n/a
     assert {r["quant"] for r in vit_rows} == {"fp32", "int4/whole"}
     assert {r["attack"] for r in vit_rows} == {"clean", "badnets (apply=image)"}
-    assert {r["defense"].split(" / ")[0] for r in vit_rows} == {"-", "fine-pruning"}
+    assert {r["defense"].split(" / ")[0] for r in vit_rows} == {"-", "fine-pruning", "neural-cleanse"}
+    # STRIP filters inputs (a detector: its FRR / FAR / AUROC are in the detection table, for both models)
+    meta = json.loads(cli.invoke(app, ["report", str(run_dir), "--format", "json"]).stdout)["meta"]
+    strip = [d for d in meta["detections"] if d["defense"].startswith("strip") and d["status"] == "ok"]
+    assert {d["model"] for d in strip} == {"vmoe", "vit"}, meta["detections"]
+    assert all({"frr", "far"} <= set(d["metrics"]) for d in strip), strip
     assert all(r["jaccard_mean"] is None for r in vit_rows)
     out = tmp_path / "analysis"
     analyzed = cli.invoke(app, ["analyze", str(run_dir), "--model", "vmoe", "--apply", "badpatches", "--out",
