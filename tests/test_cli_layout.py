@@ -84,14 +84,17 @@ def _complete(words: str) -> list[str]:
     return result.stdout.split()
 
 
-def test_shell_completion_offers_commands_and_choices() -> None:
+def test_shell_completion_offers_commands_and_choices(monkeypatch) -> None:
     assert _complete("bench pl") == ["plan", "plugins"]
     assert _complete("bench report runs/x --format ") == ["md", "csv", "json", "html"]
     assert _complete("bench plugins --kind d") == ["dataset", "defense"]
     assert _complete("bench new ") == ["attack", "defense", "model", "dataset"]
     assert _complete("bench export runs/x --to t") == ["tensorboard"]
+    # the script for a named shell: without this, Typer detects the shell from the process tree (shellingham),
+    # which a test run started outside a shell does not have
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
     script = runner.invoke(app, ["--show-completion", "bash"], prog_name="bench")
-    assert script.exit_code == 0 and "_BENCH_COMPLETE" in script.stdout
+    assert script.exit_code == 0 and "_BENCH_COMPLETE" in script.stdout, (script.exception, script.output)
 
 
 def test_json_is_a_flag_that_takes_no_value() -> None:

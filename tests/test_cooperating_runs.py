@@ -53,8 +53,8 @@ def test_two_processes_on_one_store_compute_each_job_once(write_scenario, tmp_pa
     path = write_scenario(tiny_scenario(name="coop"), "coop.yaml")
     plan = runner.prepare(path).plan
     procs = [_bench_run(path, tmp_path, tag) for tag in ("a", "b")]
-    for proc, _ in procs:
-        assert proc.wait(timeout=300) == 0
+    for proc, err in procs:
+        assert proc.wait(timeout=300) == 0, err.read_text()
     logs = [err.read_text() for _, err in procs]
     records = Store(tmp_path / "runs" / "coop").records()
     assert set(records) == {job.id for job in plan.jobs}
