@@ -32,7 +32,7 @@ from bench.scenario import GRID_KEY
 
 #: Training / test images per data set in a smoke run (data sets with ``train_limit`` / ``test_limit``).
 TRAIN_IMAGES = 64
-TEST_IMAGES = 32
+TEST_IMAGES = 16
 SUFFIX = "-smoke"
 
 
