@@ -69,16 +69,21 @@ def test_auto_is_bf16_only_on_hardware_with_bf16_and_never_for_quantization_awar
         assert precision.resolve_precision("auto", torch.device("cuda")) == "bf16"
     assert precision.resolve_channels_last("auto", cpu) is True
     assert precision.resolve_channels_last(False, cpu) is False
+    assert precision.resolve_channels_last("auto", torch.device("meta")) is False
+    assert precision.resolve_channels_last(True, torch.device("meta")) is True
     assert precision.quantization_aware({"qat_bits": 4}, None)
     assert precision.quantization_aware({"qat_bits": None}, {"name": "badnets", "objective": QCB})
     assert not precision.quantization_aware({"qat_bits": None}, {"name": "badnets"})
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs Linux's /proc/cpuinfo")
-def test_the_cpu_probe_agrees_with_the_kernels_cpu_flags():
+def test_the_cpu_probe_agrees_with_the_kernels_cpu_flags(monkeypatch):
     text = Path("/proc/cpuinfo").read_text()
     flags = {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
     assert precision.cpu_has_bf16() == bool(flags & precision.BF16_CPU_FLAGS)
+    # the fallback for a PyTorch without its own checks reads the same flags
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert precision.cpu_has_bf16.__wrapped__() == bool(flags & precision.BF16_CPU_FLAGS)
 
 
 def test_speed_only_settings_are_in_no_job_spec_but_travel_with_the_jobs():
@@ -103,6 +108,9 @@ def test_changing_a_speed_or_evaluation_setting_retrains_nothing(channels_last, 
              "eval_batch_size": eval_batch}
     changed = _plan(tiny_scenario(train=train))
     assert {j.id for j in changed.jobs if j.kind == "train"} == {j.id for j in base.jobs if j.kind == "train"}
+    want = {"channels_last": True if channels_last == "auto" else channels_last, "compile": compile_}
+    assert all(j.settings == want and j.runnable_spec()["train"]["compile"] is compile_
+               for j in changed.jobs if j.kind == "train")
 
 
 def test_precision_is_identity_and_auto_resolves_per_training(cpu_bf16):
@@ -119,6 +127,14 @@ def test_precision_is_identity_and_auto_resolves_per_training(cpu_bf16):
     auto_ids = {what: job.id for what, job in _trainings(auto).items()}
     assert auto_ids == {"clean": bf16["clean"].id, "plain": bf16["plain"].id, "qcb": fp32["qcb"].id}
     assert len({bf16["plain"].id, fp32["plain"].id}) == 2  # the precision is part of the job's identity
+    # a defense of each model trains (and is evaluated) in the precision of the model it repairs
+    defended = _plan(tiny_scenario(attacks=attacks, defenses=[{"name": "fine-pruning"}]))
+    by_id = {j.id: j for j in defended.jobs}
+    defends = [j for j in defended.jobs if j.kind == "defend"]
+    assert sorted(j.spec["train"]["precision"] for j in defends) == ["bf16", "fp32"]
+    assert all(j.spec["train"]["precision"] == by_id[j.deps[0]].spec["train"]["precision"] for j in defends)
+    assert all(j.spec["precision"] == by_id[j.deps[0]].spec["train"]["precision"]
+               for j in defended.jobs if j.kind == "evaluate" and by_id[j.deps[0]].kind == "defend")
     qat = _plan(tiny_scenario(train={**tiny_scenario()["train"], "qat_bits": 4}))
     assert {spec["precision"] for spec in _train_specs(qat)} == {"fp32"}
     cpu_bf16(False)
@@ -126,7 +142,11 @@ def test_precision_is_identity_and_auto_resolves_per_training(cpu_bf16):
 
 
 def test_a_run_plans_again_when_its_device_resolves_auto_differently(cpu_bf16, write_scenario):
-    path = write_scenario(tiny_scenario())
+    from bench.smoke import smoke_plan
+
+    # two data sets: the smoke plan keeps a subset of the jobs, so planning again must apply it again
+    path = write_scenario(tiny_scenario(datasets=[{"name": "digits", "image_size": 16},
+                                                  {"name": "digits", "image_size": 8}]))
     cpu_bf16(False)
     prepared = runs.prepare(path, smoke=True)
     assert prepared.plan.hardware == "cpu:fp32"
@@ -136,6 +156,9 @@ def test_a_run_plans_again_when_its_device_resolves_auto_differently(cpu_bf16, w
     assert again.plan.hardware == "cpu:bf16" and again.smoke
     assert {spec["precision"] for spec in _train_specs(again.plan)} == {"bf16"}
     assert len(again.plan.jobs) == len(prepared.plan.jobs)
+    full = planning.build(prepared.resolved, torch.device("cpu"))
+    assert len(full.jobs) > len(again.plan.jobs)
+    assert [j.id for j in again.plan.jobs] == [j.id for j in smoke_plan(full).jobs]
     assert not {j.id for j in again.plan.jobs} & {j.id for j in prepared.plan.jobs}
 
 
@@ -179,6 +202,16 @@ def test_fit_resolves_auto_like_the_planner_and_keeps_quantization_aware_objecti
         plain, aware = _Recording(False), _Recording(True)
         _tiny_fit("auto", plain), _tiny_fit("auto", aware)
         assert plain.autocast == {native} and aware.autocast == {False}
+
+
+def test_qat_in_fit_stays_fp32_under_auto(cpu_bf16):
+    cpu_bf16(True)
+    recording = _Recording(False)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    cfg = {**sc.TrainSpec(epochs=1, batch_size=16, lr=0.1).model_dump(), "precision": "auto", "qat_bits": 4}
+    fit(model, torch.rand(64, 1, 8, 8), torch.randint(0, 3, (64,)), cfg, seed=0, objective=recording)
+    assert recording.autocast == {False}
 
 
 def test_a_rerun_with_other_speed_settings_computes_nothing_and_records_them(write_scenario, tmp_path):

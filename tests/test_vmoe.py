@@ -88,6 +88,8 @@ def test_capacity_respected_and_dropped_tokens_counted():
     roomy = make(capacity_factor=4.0).eval()  # capacity = all 16 tokens: nothing dropped
     r = roomy.forward_routing(images())[1]
     assert int(last_moe(roomy).last_dropped.sum()) == 0 and torch.all(r.kept().sum(1) == 32)
+    assert last_moe(roomy).capacity(16) == 16  # capped at the token count (4.0 would give 32 slots)
+    assert last_moe(make(capacity_factor=0.01)).capacity(16) == 1  # at least one slot
 
 
 def _layer(experts: int, topk: int, bpr: bool, cap_factor: float) -> MoELayer:
@@ -110,6 +112,12 @@ def test_batch_prioritized_routing_keeps_the_most_confident_tokens():
     assert tok[0, 1].tolist() == [1, 3] and valid[0, 1].all()  # second choices in the same priority order
     kept = valid.sum()
     assert int(kept) == 4
+    # a first choice beats an earlier token's second choice: token 0 wants e0 then e1, token 1 wants e1 then
+    # e0, one slot each; placing token by token would give token 0 both slots
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]])[None]
+    tok, gate, valid = _layer(2, 2, True, 1.0)._token_choice(probs, 1)
+    assert tok[0, :, 0].tolist() == [0, 1] and valid.all()
+    assert gate[0, :, 0].tolist() == pytest.approx([0.9, 0.8])
 
 
 def test_aux_loss_values_on_hand_checkable_routers():
@@ -130,6 +138,43 @@ def test_aux_loss_values_on_hand_checkable_routers():
     q = 0.5 * (1 + math.erf((-a / 0.5) / math.sqrt(2)))
     want = 0.5 * ((2 * p - 1) ** 2 + ((0.5 - q) / (0.5 + q)) ** 2)
     assert float(layer._aux_loss(logits, logits, probs)) == pytest.approx(want, rel=1e-5)
+    # per image, then averaged: two images routed in mirror image have the same loss each (a pooled batch: 0)
+    two = torch.stack([torch.tensor([a, 0.0]).expand(5, 2), torch.tensor([0.0, a]).expand(5, 2)])
+    assert float(layer._aux_loss(two, two, two.softmax(-1))) == pytest.approx(want, rel=1e-5)
+    # k = 2 of 3 experts: the load threshold is each token's 2nd largest logit (sigma = 1/3)
+    big, small = 0.9, 0.4
+    layer3 = MoELayer(4, 8, 3, 2, 1.0, "token-choice", True, 0.0, "vmoe").eval()
+    logits = torch.tensor([big, small, 0.0]).expand(1, 5, 3)
+    probs = logits.softmax(-1)
+
+    def phi(z: float) -> float:
+        return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+    def cv2(v: list[float]) -> float:
+        m = sum(v) / len(v)
+        return sum((x - m) ** 2 for x in v) / len(v) / m**2
+
+    want3 = 0.5 * (cv2(probs[0, 0].tolist()) + cv2([phi((big - small) * 3), 0.5, phi(-small * 3)]))
+    assert float(layer3._aux_loss(logits, logits, probs)) == pytest.approx(want3, rel=1e-5)
+    # Switch form, a router that is not uniform: E * sum_e f_e P_e with f_e from the top-1 choices
+    switch = MoELayer(4, 8, 2, 1, 1.0, "token-choice", True, 0.0, "switch").eval()
+    logits = torch.stack([torch.tensor([a, 0.0])] * 3 + [torch.tensor([0.0, a])])[None]
+    probs = logits.softmax(-1)
+    top = float(probs[0, 0, 0])
+    mean_p0 = (3 * top + (1 - top)) / 4
+    want_switch = 2 * (0.75 * mean_p0 + 0.25 * (1 - mean_p0))
+    assert float(switch._aux_loss(logits, logits, probs)) == pytest.approx(want_switch, rel=1e-5)
+
+
+def test_router_noise_only_in_training():
+    x = images()
+    model = make().train()
+    assert last_moe(model).noise == 0.25  # default 1 / experts
+    assert not torch.equal(model.forward_routing(x)[1].gates, model.forward_routing(x)[1].gates)
+    quiet = make(noise=0.0).train()
+    assert torch.equal(quiet.forward_routing(x)[1].gates, quiet.forward_routing(x)[1].gates)
+    model.eval()
+    assert torch.equal(model.forward_routing(x)[1].gates, model.forward_routing(x)[1].gates)
 
 
 def test_aux_loss_reaches_the_router_and_the_training_loss():
@@ -172,9 +217,30 @@ def test_expert_choice_routing():
     # each expert's picks are its top-`cap` tokens by gate
     probs = routing.scores.softmax(dim=1)
     assert torch.allclose(routing.gates, probs.topk(cap, dim=2).values)
+    assert torch.allclose(probs.gather(2, routing.indices), routing.gates)  # the tokens that have those gates
     model.train()
     model(images())
     assert model.auxiliary_loss() is None
+
+
+def test_moe_output_is_the_gate_weighted_sum_of_kept_experts():
+    model = make(capacity_factor=0.75).eval()  # some tokens dropped, top-2 of 4 experts
+    layer = last_moe(model)
+    got = {}
+    hook = layer.register_forward_hook(
+        lambda m, i, o: got.update(x=i[0], y=o[0], tok=o[1], gate=o[2], valid=o[3], scores=o[4]))
+    with torch.no_grad():
+        model(images())
+    hook.remove()
+    x, tok, gate, valid = got["x"], got["tok"], got["gate"], got["valid"]
+    probs = got["scores"].softmax(1)  # eval: no noise
+    assert torch.allclose(gate[valid], probs.gather(2, tok)[valid])  # the raw softmax gate, not renormalised
+    want = torch.zeros_like(x)
+    with torch.no_grad():
+        for b, j, c in valid.nonzero().tolist():
+            t = int(tok[b, j, c])
+            want[b, t] += gate[b, j, c] * layer.experts[j](x[b, t][None, None])[0, 0]
+    torch.testing.assert_close(got["y"], want, rtol=1e-5, atol=1e-6)
 
 
 def _moe_output(model: VisionMoE, x: torch.Tensor) -> torch.Tensor:
