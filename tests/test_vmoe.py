@@ -343,8 +343,12 @@ def test_badpatches_trigger_on_the_vmoe_patch_grid():
 def test_layer_selection_masks_match_the_model_routing():
     model = make()
     x = images(5)
-    per_layer = layer_selection_masks(model, x, batch_size=2)
-    assert len(per_layer) == 2 and torch.equal(per_layer[-1], selection_masks(model, x, batch_size=3))
+    per_layer = layer_selection_masks(model, x, batch_size=2)  # batched: 2 + 2 + 1 images
+    with torch.no_grad():
+        whole = [r.selection_mask() for r in model.eval().forward_routing(x)[1].per_layer()]
+    assert len(per_layer) == 2 and all(torch.equal(a, b) for a, b in zip(per_layer, whole, strict=True))
+    assert not torch.equal(per_layer[0], per_layer[1])  # two layers, two routings
+    assert torch.equal(per_layer[-1], selection_masks(model, x, batch_size=3))
 
 
 def test_bench_run_and_analyze_end_to_end(tmp_path):

@@ -202,24 +202,9 @@ def has_routing(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def selection_masks(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """``[N, E, rows, cols]`` bool selection of ``model`` (eval mode, restored after) on images ``x``."""
-    if not has_routing(model):
-        raise NoRoutingError(f"model {type(model).__name__} has no routing; analysis needs a pMoE model")
-    parts = []
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, x.shape[0], batch_size):
-            routing = model.forward_routing(x[start : start + batch_size])[1]
-            if routing is None:
-                raise NoRoutingError(f"model {type(model).__name__} returned no routing")
-            parts.append(routing.selection_mask())
-    finally:
-        model.train(was_training)
-    if not parts:
-        rows, cols = model.patch_grid
-        return torch.zeros(0, 0, rows, cols, dtype=torch.bool, device=x.device)
-    return torch.cat(parts)
+    """``[N, E, rows, cols]`` bool selection of ``model`` (eval mode, restored after) on images ``x``: its
+    last MoE layer's (:func:`layer_selection_masks`)."""
+    return layer_selection_masks(model, x, batch_size)[-1]
 
 
 @torch.no_grad()
