@@ -254,10 +254,10 @@ def origin_of(origins: dict[str, list[int]], field: str, index: int) -> int:
 def planning_device(requested: str) -> torch.device:
     """The device a scenario's ``device`` names on this machine (``auto``: CUDA when present, else CPU);
     a name torch does not know plans as CPU (the run itself reports it)."""
+    from bench.train import resolve_device
+
     try:
-        if requested == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(requested)
+        return resolve_device(requested)
     except RuntimeError:
         return torch.device("cpu")
 

@@ -57,6 +57,14 @@ class TrainSpec(_Strict):
     qat_granularity: Literal["tensor", "channel"] = "tensor"
     qat_symmetric: bool = False
 
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _channels_last_choice(cls, value: Any) -> Any:
+        """One message for the union (not one per member): the three values it takes."""
+        if value is True or value is False or value == "auto":
+            return value
+        raise ValueError("must be true, false or auto")
+
     @model_validator(mode="after")
     def _qat_settings_only_with_qat(self) -> TrainSpec:
         """Without QAT the other qat_* fields mean nothing: reset them, so a grid such as

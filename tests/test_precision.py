@@ -224,3 +224,11 @@ def test_a_rerun_with_other_speed_settings_computes_nothing_and_records_them(wri
     assert env == [{"channels_last": True, "compile": False}] * 2
     second = runs.run(path, **dirs, overrides=["train.channels_last=false"])
     assert second.summary.ran == [] and second.summary.skipped == 4
+
+
+@pytest.mark.parametrize("value", ["maybe", 2, "on"])
+def test_a_bad_channels_last_exits_2_naming_its_three_values(write_scenario, value):
+    path = write_scenario(tiny_scenario(train={**tiny_scenario()["train"], "channels_last": value}))
+    result = CliRunner().invoke(app, ["plan", str(path)])
+    assert result.exit_code == 2
+    assert "train.channels_last: must be true, false or auto" in result.output

@@ -32,12 +32,7 @@ SHAPE = (1, 8, 8)
 TINY = {"dim": 16, "depth": 2, "heads": 2, "patch": 2, "mlp_ratio": 2.0, "experts": 4, "topk": 2, "moe_every": 1}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def make(name: str = "vmoe", seed: int = 0, **kw) -> VisionMoE:
