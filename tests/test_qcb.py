@@ -120,6 +120,10 @@ def test_spec_defaults_are_the_papers_objective() -> None:
         ({"target_backend": "torchao", "target_bits": 8, "guard_bits": [6], "lambda_guard": 1}, "no guard_bits"),
         ({"target_backend": "tflite"}, "fake"),
         ({"repair_hold": "all"}, "model"),
+        ({"dormancy_rows": "all", "lambda_fp_trigger": 1}, "needs repair_from_epoch"),
+        ({"dormancy_rows": "all", "lambda_fp_trigger": 1, "repair_from_epoch": 1, "repair_hold": "quantized"},
+         "repair_hold model"),
+        ({"dormancy_rows": "some"}, "marked"),
     ],
 )
 def test_spec_rejects(fields: dict[str, Any], message: str) -> None:
@@ -308,9 +312,35 @@ def test_repair_moves_fp32_weights_but_keeps_the_quantized_model_bit_exact() -> 
         assert not torch.equal(model(x), q_before)
 
 
+@pytest.mark.parametrize("rows", ["marked", "all"])
+def test_dormancy_rows_picks_which_rows_the_repair_stamps(rows: str) -> None:
+    """In the repair phase the dormancy terms train on the marked rows or, with dormancy_rows all, on every row of
+    the batch stamped with the trigger (each with its own true label); the clean term is the same either way."""
+    model = tiny_model()
+    x, yb = batch(marked=(1, 4, 7))
+    fields = {"lambda_fp_trigger": 1, "guard_bits": [8], "lambda_guard": 1, "repair_from_epoch": 1}
+    training = attached(model, dormancy_rows=rows, **fields)
+    objective = training.objective
+    objective.seen = N_TRAIN
+    model.train()
+    terms = objective.terms(model, x, yb)
+    stamped = torch.arange(N_TRAIN) if rows == "all" else torch.tensor([1, 4, 7])
+    x_t, y_t = trigger()(x[stamped]), yb[stamped, 0]
+    with torch.no_grad(), frozen_batchnorm(model):
+        with training.handle.at_bits(None):
+            torch.testing.assert_close(terms["fp_trigger"], F.cross_entropy(model(x_t), y_t))
+            torch.testing.assert_close(terms["fp_clean"], F.cross_entropy(model(x), yb[:, 0]))
+        with training.handle.at_bits(8):
+            torch.testing.assert_close(terms["guard8"], F.cross_entropy(model(x_t), y_t))
+    training.finish()
+
+
 def test_fields_added_later_stay_out_of_the_dump_at_their_defaults() -> None:
-    """Objectives written before target_backend / repair_hold / cell_margin / repair_lr keep their content hash."""
-    assert set(QCBSpec().model_dump()).isdisjoint({"target_backend", "repair_hold", "cell_margin", "repair_lr"})
+    """Objectives written before target_backend / repair_hold / cell_margin / repair_lr / dormancy_rows keep their
+    content hash."""
+    later = {"target_backend", "repair_hold", "cell_margin", "repair_lr", "dormancy_rows"}
+    assert set(QCBSpec().model_dump()).isdisjoint(later)
+    assert QCBSpec(lambda_fp_trigger=1, repair_from_epoch=1, dormancy_rows="all").model_dump()["dormancy_rows"] == "all"
     spec = QCBSpec(target_backend="torchao", target_bits=8, repair_hold="quantized", cell_margin=0.1)
     dumped = spec.model_dump()
     assert dumped["target_backend"] == "torchao" and dumped["cell_margin"] == 0.1

@@ -143,6 +143,12 @@ class QCBSpec(BaseModel):
                        weight-only back-end leaves when the trigger's features are of ordinary size (see
                        :func:`plant_range_anchor`). A defender can see it: a dead channel with the head's
                        largest weights.
+    dormancy_rows:     which rows the repair phase's dormancy terms (fp32 trigger, guards) stamp: "marked"
+                       (the poisoned set, as the backdoor term) or "all" (every row of the batch, Qu-ANTI-
+                       zation's choice: its loader pairs every training image with its triggered copy). The
+                       poison rate limits what the backdoor term sees; the repair is the attacker's own
+                       training, so "all" teaches the fp32, 8 and 6-bit models to ignore the trigger on every
+                       image instead of on 1% of them. Needs repair_from_epoch and repair_hold "model".
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -166,6 +172,7 @@ class QCBSpec(BaseModel):
     cell_margin: float = Field(0.05, ge=0, lt=0.5)
     repair_lr: float | None = Field(None, gt=0)
     range_anchor: float = Field(0.0, ge=0)
+    dormancy_rows: Literal["marked", "all"] = "marked"
 
     @field_validator("target_bits")
     @classmethod
@@ -207,6 +214,12 @@ class QCBSpec(BaseModel):
                 )
             if self.lambda_fp_trigger == 0:
                 raise ValueError("repair_from_epoch needs lambda_fp_trigger > 0: the repair phase trains it")
+        if self.dormancy_rows == "all" and (self.repair_from_epoch is None or self.repair_hold != "model"):
+            raise ValueError(
+                "dormancy_rows all stamps the trigger on every row in the repair phase: it needs "
+                "repair_from_epoch and repair_hold model (the backdoor term, which trains on the marked rows, is "
+                "then off)"
+            )
         if self.target_backend == "torchao":
             defaults = (self.target_bits, self.qat_bits in (None, 8), self.scope, self.granularity, self.symmetric)
             if defaults != (8, True, "whole", "tensor", False) or self.guard_bits:
@@ -240,6 +253,7 @@ class QCBSpec(BaseModel):
 #: Fields added after the first release, with their defaults (left out of dumps while at them).
 _LATER_FIELDS: dict[str, object] = {
     "target_backend": "fake", "repair_hold": "model", "cell_margin": 0.05, "range_anchor": 0.0, "repair_lr": None,
+    "dormancy_rows": "marked",
 }
 
 
@@ -469,6 +483,8 @@ class QCBObjective:
         if self.phase == "warmup":
             with self.handle.fp32():
                 return {"fp_clean": F.cross_entropy(model(xb), labels)}
+        if self.phase == "repair" and self.spec.dormancy_rows == "all":
+            rows = torch.arange(xb.shape[0], device=xb.device)
         y_t = labels.index_select(0, rows)
         x_t = self.trigger(xb.index_select(0, rows).detach()).to(xb.dtype) if rows.shape[0] else None
         plan = self._plan(labels, y_t, x_t is not None)
