@@ -747,6 +747,7 @@ def report_blocks(rows: list[Row], meta: dict[str, Any], pictures: list[str] | N
         lines += doc.images(plots["dormancy"])
     lines += transfer_blocks(rows, transfer_pictures)
     lines += reference_table(rows, meta.get("reference"))
+    lines += claim_blocks(meta.get("claims", []))
     if plots.get("training"):
         lines += [doc.heading(2, "Training curves"),
                   doc.paragraph(f"Mean training loss of each epoch as the train jobs stored it, one panel per attack, "
@@ -1198,6 +1199,42 @@ def reference_table(rows: list[Row], reference: dict[str, Any] | None) -> list[B
                           "theirs, in points. A reference row names one cell of ours (dataset, trigger, apply, poison "
                           "rate, and its model, model_params, params, dataset_params and train fields when given)."),
             doc.table(table, headers)]
+
+
+# -- claims ----------------------------------------------------------------------------------------------
+
+
+def _claim_seed_cell(verdict: dict[str, Any]) -> str:
+    shown = " ".join("-" if v is None else f"{v * 100:.2f}" for v in verdict["values"])
+    return f"{'met' if verdict['met'] else 'NOT met'} ({shown})"
+
+
+def claim_blocks(results: list[dict[str, Any]]) -> list[Block]:
+    """The Claims section from :func:`bench.claims.check_claims`'s results (``meta["claims"]``): one line per
+    claim with each seed's verdict and values (%), the outcome, then the rows each claim picked."""
+    if not results:
+        return []
+    seeds = sorted({s["seed"] for r in results for s in r["per_seed"]})
+    table = []
+    for r in results:
+        claim, by_seed = r["claim"], {s["seed"]: s for s in r["per_seed"]}
+        table.append([_md_text(claim["text"]), claim["metric"].upper().replace("_", " "), ", ".join(claim["at"]),
+                      r["bounds"], *[_claim_seed_cell(by_seed[s]) if s in by_seed else "-" for s in seeds],
+                      _md_text(r["verdict"])])
+    lines = [doc.heading(2, "Claims"),
+             doc.paragraph("What this scenario claims about its results (`report.claims`), checked on every seed from "
+                           "the stored runs each time the report is written. Per seed: met or not, and the values (%) "
+                           "of the rows the claim picks, in the order listed below the table; a seed without a value "
+                           "never counts as met. BA DROP: the clean model's fp32 BA (same seed) minus the row's BA."),
+             doc.table(table, ["claim", "metric", "at", "bound", *[f"seed {s}" for s in seeds], "outcome"])]
+    for r in results:
+        text = _md_text(r["claim"]["text"])
+        if r["rows"]:
+            lines.append(doc.paragraph(f"{text}: " + "; ".join(_md_text(x) for x in r["rows"])))
+        failing = [f"seed {s['seed']}: {s['why']}" for s in r["per_seed"] if not s["met"]]
+        if failing:
+            lines.append(doc.paragraph(f"{text}, not met: " + "; ".join(_md_text(f) for f in failing)))
+    return lines
 
 
 # -- quantization ----------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from bench import __version__
 from bench import plan as planning
 from bench import report as reporting
 from bench import scenario as scenarios
+from bench.claims import check_claims
 from bench.data.base import TensorData
 from bench.der_heatmap import draw_der
 from bench.errors import BenchError, ScenarioError
@@ -88,11 +89,19 @@ def prepare_raw(raw: dict[str, Any], source: str, base_dir: Path, plugins: list[
 
 
 def _checked(prepared: Prepared) -> Prepared:
-    """Plan-time checks that need the cells: every published value matches at most one of them."""
+    """Plan-time checks that need the cells: every published value matches at most one of them, and every
+    claim picks some row of the report (a smoke run's toy plan drops rates and seeds, so it is not checked)."""
     reference = prepared.resolved.scenario.reference
+    cells = [c.to_dict() for c in prepared.plan.cells]
     if reference is not None:
-        reporting.check_reference(reference.model_dump(), [c.to_dict() for c in prepared.plan.cells],
-                                  prepared.resolved.source)
+        reporting.check_reference(reference.model_dump(), cells, prepared.resolved.source)
+    claims = prepared.resolved.scenario.report.claims
+    if claims and not prepared.smoke:
+        rows = reporting.aggregate(cells, {})
+        for i, result in enumerate(check_claims([c.model_dump() for c in claims], rows, 1)):
+            if result.problem:
+                raise ScenarioError(f"{prepared.resolved.source}: report.claims[{i}] ({result.claim.text!r}): "
+                                    f"{result.problem}")
     return prepared
 
 
@@ -436,7 +445,10 @@ def report_rows(store: Store) -> tuple[list[reporting.Row], dict[str, Any]]:
     behind = _with_inputs(store, records)
     meta["provenance"] = reporting.provenance(behind)
     meta["hardware_warning"] = mixed_hardware_warning(behind.values())  # CPU and GPU rows mixed: say so
-    return reporting.aggregate(cells, records), meta
+    rows = reporting.aggregate(cells, records)
+    claims = (scenario.get("report") or {}).get("claims") or []
+    meta["claims"] = [r.to_dict() for r in check_claims(claims, rows, meta["min_seeds"])]
+    return rows, meta
 
 
 def _with_inputs(store: Store, records: dict[str, JobRecord]) -> dict[str, JobRecord]:

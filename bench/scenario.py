@@ -176,11 +176,37 @@ class Reference(_Strict):
     values: list[ReferenceValue] = Field(default_factory=list)
 
 
+class Claim(_Strict):
+    """A statement about the results that the report checks on every seed (``report.claims``, see
+    :mod:`bench.claims`): ``metric`` of the rows picked by ``attack`` / ``poison_rate`` / ``model`` /
+    ``dataset`` / ``defense`` at each evaluation in ``at`` (the report's PTQ labels: fp32, int4/whole, ...)
+    is at most ``at_most`` and at least ``at_least`` (fractions: 0.02 = 2%). ``ba_drop`` is the clean model's
+    fp32 BA (same data set, model, training and seed) minus the row's BA."""
+
+    text: str = Field(min_length=1)
+    metric: Literal["ba", "asr", "ra", "cad", "ba_drop"]
+    attack: str | None = None
+    poison_rate: float | None = None
+    model: str | None = None
+    dataset: str | None = None
+    defense: str = "-"
+    at: list[str] = Field(default_factory=lambda: ["fp32"], min_length=1)
+    at_most: float | None = None
+    at_least: float | None = None
+
+    @model_validator(mode="after")
+    def _bounded(self) -> Claim:
+        if self.at_most is None and self.at_least is None:
+            raise ValueError(f"claim {self.text!r}: give at_most or at_least (fractions, e.g. at_most: 0.02 for 2%)")
+        return self
+
+
 class ReportSpec(_Strict):
     """How the report aggregates: ``min_seeds`` = seeds a leaderboard entry needs (default: every seed of
-    the scenario), the same seeds for its ASR and its CAD."""
+    the scenario), the same seeds for its ASR and its CAD; ``claims`` = statements checked seed by seed."""
 
     min_seeds: int | None = Field(None, ge=1)
+    claims: list[Claim] = Field(default_factory=list)
 
 
 class Scenario(_Strict):
