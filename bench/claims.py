@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.report import OK, Row, at_most, reaches
+from bench.report import OK, RULE_TOLERANCE, Row, at_most, reaches
 from bench.scenario import Claim
 
 
@@ -93,18 +93,21 @@ def _picks(claim: Claim, row: Row) -> bool:
             return False
     elif row.attack != claim.attack:
         return False
-    if claim.poison_rate is not None and (row.poison_rate is None or abs(row.poison_rate - claim.poison_rate) > 1e-12):
+    if claim.poison_rate is not None and (
+            row.poison_rate is None or abs(row.poison_rate - claim.poison_rate) > RULE_TOLERANCE):
         return False
     return (claim.model is None or row.model == claim.model) and (claim.dataset is None or row.dataset == claim.dataset)
 
 
 def _clean_fp32(rows: list[Row]) -> dict[tuple[str, str, str, int], float]:
-    """Clean models' fp32 BA by (data set, model, training, seed): the reference of ``ba_drop``."""
+    """Clean models' fp32 BA by (data set, model, training, seed): the reference of ``ba_drop``. A clean model
+    at chance is no reference (as for CAD): its seed gets no value, so it cannot meet the claim."""
     out = {}
     for row in rows:
         if row.attack == "clean" and row.quant == "fp32" and row.defense == "-":
             for run in row.runs:
-                if run.status == OK and "ba" in run.values:
+                at_chance = any(short == "at chance" for short, _ in run.notes)
+                if run.status == OK and "ba" in run.values and not at_chance:
                     out[(row.dataset, row.model, row.train, run.seed)] = run.values["ba"]
     return out
 
@@ -125,21 +128,27 @@ def _label(row: Row) -> str:
     return f"{row.dataset}/{row.model} {row.attack}{rate}{stage} @ {row.quant}"
 
 
-def _unmatched(claim: Claim, rows: list[Row]) -> str:
-    """Why a claim picks no row: the labels it could have named."""
+def _unmatched(claim: Claim, rows: list[Row], labels: list[str]) -> str:
+    """Why a claim picks no row at the evaluations ``labels``: what it asked for, and what the report has."""
     def names(values: set[str]) -> str:
         return ", ".join(sorted(values)) or "none"
-    return (f"no row matches (attack {claim.attack!r}, at {claim.at}, defense {claim.defense!r}); the report's "
-            f"attacks: {names({r.attack for r in rows})}; evaluations: {names({r.quant for r in rows})}; defense "
-            f"stages: {names({r.defense for r in rows})}")
+    rate = "any" if claim.poison_rate is None else f"{claim.poison_rate * 100:g}%"
+    asked = (f"attack {claim.attack or 'any'}, poison rate {rate}, model {claim.model or 'any'}, data set "
+             f"{claim.dataset or 'any'}, defense {claim.defense}")
+    return (f"no row at {', '.join(labels)} matches ({asked}); the report has attacks "
+            f"{names({r.attack for r in rows})}; poison rates "
+            f"{names({f'{r.poison_rate * 100:g}%' for r in rows if r.poison_rate is not None})}; models "
+            f"{names({r.model for r in rows})}; data sets {names({r.dataset for r in rows})}; evaluations "
+            f"{names({r.quant for r in rows})}; defense stages {names({r.defense for r in rows})}")
 
 
 def check_claim(claim: Claim, rows: list[Row], required: int) -> ClaimResult:
     """One claim against the report's rows: each planned seed's values and verdict."""
     picked = sorted((r for r in rows if _picks(claim, r)), key=lambda r: claim.at.index(r.quant))  # stable
     result = ClaimResult(claim, [_label(r) for r in picked], required=required)
-    if not picked:
-        result.problem = _unmatched(claim, rows)
+    missing = [label for label in claim.at if all(r.quant != label for r in picked)]
+    if missing:  # a typo in one label must not leave the claim checked on the others alone
+        result.problem = _unmatched(claim, rows, missing)
         return result
     clean = _clean_fp32(rows) if claim.metric == "ba_drop" else {}
     for seed in sorted({run.seed for row in picked for run in row.runs}):

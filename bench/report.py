@@ -1218,7 +1218,8 @@ def claim_blocks(results: list[dict[str, Any]]) -> list[Block]:
     table = []
     for r in results:
         claim, by_seed = r["claim"], {s["seed"]: s for s in r["per_seed"]}
-        table.append([_md_text(claim["text"]), claim["metric"].upper().replace("_", " "), ", ".join(claim["at"]),
+        table.append([_md_text(claim["text"]), claim["metric"].upper().replace("_", " "),
+                      _md_text(", ".join(claim["at"])),
                       r["bounds"], *[_claim_seed_cell(by_seed[s]) if s in by_seed else "-" for s in seeds],
                       _md_text(r["verdict"])])
     lines = [doc.heading(2, "Claims"),
@@ -1230,10 +1231,10 @@ def claim_blocks(results: list[dict[str, Any]]) -> list[Block]:
     for r in results:
         text = _md_text(r["claim"]["text"])
         if r["rows"]:
-            lines.append(doc.paragraph(f"{text}: " + "; ".join(_md_text(x) for x in r["rows"])))
+            lines.append(doc.paragraph(f'Rows of "{text}": ' + "; ".join(_md_text(x) for x in r["rows"])))
         failing = [f"seed {s['seed']}: {s['why']}" for s in r["per_seed"] if not s["met"]]
         if failing:
-            lines.append(doc.paragraph(f"{text}, not met: " + "; ".join(_md_text(f) for f in failing)))
+            lines.append(doc.paragraph(f'"{text}" is not met on ' + "; ".join(_md_text(f) for f in failing)))
     return lines
 
 

@@ -90,13 +90,14 @@ def prepare_raw(raw: dict[str, Any], source: str, base_dir: Path, plugins: list[
 
 def _checked(prepared: Prepared) -> Prepared:
     """Plan-time checks that need the cells: every published value matches at most one of them, and every
-    claim picks some row of the report (a smoke run's toy plan drops rates and seeds, so it is not checked)."""
+    claim picks a row of the report at each of its evaluations (a smoke run has no claims: see
+    :func:`bench.smoke.smoke_scenario`)."""
     reference = prepared.resolved.scenario.reference
     cells = [c.to_dict() for c in prepared.plan.cells]
     if reference is not None:
         reporting.check_reference(reference.model_dump(), cells, prepared.resolved.source)
     claims = prepared.resolved.scenario.report.claims
-    if claims and not prepared.smoke:
+    if claims:
         rows = reporting.aggregate(cells, {})
         for i, result in enumerate(check_claims([c.model_dump() for c in claims], rows, 1)):
             if result.problem:

@@ -198,6 +198,14 @@ class Claim(_Strict):
     def _bounded(self) -> Claim:
         if self.at_most is None and self.at_least is None:
             raise ValueError(f"claim {self.text!r}: give at_most or at_least (fractions, e.g. at_most: 0.02 for 2%)")
+        if self.at_most is not None and self.at_least is not None and self.at_least > self.at_most:
+            raise ValueError(f"claim {self.text!r}: at_least {self.at_least} is above at_most {self.at_most}")
+        bounds = [b for b in (self.at_most, self.at_least) if b is not None]
+        if self.metric in ("ba", "asr", "ra") and any(not 0 <= b <= 1 for b in bounds):
+            raise ValueError(f"claim {self.text!r}: {self.metric} bounds are fractions in 0..1 (0.02 = 2%), "
+                             f"got {bounds}")
+        if len(set(self.at)) != len(self.at):
+            raise ValueError(f"claim {self.text!r}: at lists an evaluation twice: {self.at}")
         return self
 
 

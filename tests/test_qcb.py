@@ -332,6 +332,27 @@ def test_dormancy_rows_picks_which_rows_the_repair_stamps(rows: str) -> None:
             torch.testing.assert_close(terms["fp_clean"], F.cross_entropy(model(x), yb[:, 0]))
         with training.handle.at_bits(8):
             torch.testing.assert_close(terms["guard8"], F.cross_entropy(model(x_t), y_t))
+    assert "bd" not in terms
+    training.finish()
+
+
+def test_dormancy_rows_all_leaves_the_attack_phase_on_the_marked_rows() -> None:
+    """Before the repair, the backdoor term still trains on the poisoned rows only: "all" there would be 100%
+    poisoning."""
+    model = tiny_model()
+    x, yb = batch(marked=(1, 4, 7))
+    training = attached(model, qat_bits=4, lambda_fp_trigger=1, repair_from_epoch=1, dormancy_rows="all")
+    objective = training.objective
+    assert objective.phase == "attack"
+    model.train()
+    before = stats(model)
+    terms = objective.terms(model, x, yb)
+    model.load_state_dict({**model.state_dict(), **before})
+    x_all = torch.cat([x, trigger()(x[[1, 4, 7]])])
+    with torch.no_grad(), training.handle.at_bits(4):
+        out = model(x_all)
+    model.load_state_dict({**model.state_dict(), **before})
+    torch.testing.assert_close(terms["bd"], F.cross_entropy(out[N_TRAIN:], torch.full((3,), TARGET)))
     training.finish()
 
 

@@ -29,8 +29,9 @@ the fp32 master weights straight-through (:mod:`bench.quant.apply`).
 
 Data: the cell's poison rate draws a frozen set of training indices with the cell's seed
 (:func:`bench.attacks.poison.poison_indices`, the set plain poisoning uses). Each step stamps the trigger on
-the batch's marked rows (after augmentation); trigger terms are means over those rows, clean terms means
-over every row (the attacker who controls training holds the clean images too).
+the batch's marked rows (after augmentation; in the repair phase with ``dormancy_rows: all``, on every row);
+trigger terms are means over those rows, clean terms means over every row (the attacker who controls
+training holds the clean images too).
 
 BatchNorm, the trap when several forwards share a step (``batchnorm``):
 
