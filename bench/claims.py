@@ -70,7 +70,7 @@ class ClaimResult:
 
 
 def bounds_text(claim: Claim) -> str:
-    """``<= 2%``, ``>= 97%`` or ``between 1% and 3%``, in percent (as the report shows its numbers)."""
+    """``<= 2%``, ``>= 97%`` or ``>= 1% and <= 3%``, in percent (as the report shows its numbers)."""
     parts = []
     if claim.at_least is not None:
         parts.append(f">= {claim.at_least * 100:g}%")
