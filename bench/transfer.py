@@ -58,6 +58,8 @@ def trained_against(attack: dict[str, Any] | None) -> str | None:
         parts.append("channel")
     if objective.get("symmetric"):
         parts.append("sym")
+    if objective.get("activations"):
+        parts.append("act")
     label = "/".join(parts)
     backend = objective.get("target_backend")
     return f"{label}@{backend}" if backend and backend != "fake" else label

@@ -124,6 +124,7 @@ def test_spec_defaults_are_the_papers_objective() -> None:
         ({"dormancy_rows": "all", "lambda_fp_trigger": 1, "repair_from_epoch": 1, "repair_hold": "quantized"},
          "repair_hold model"),
         ({"dormancy_rows": "some"}, "marked"),
+        ({"activations": True, "target_backend": "torchao", "target_bits": 8}, "activations needs target_backend fake"),
     ],
 )
 def test_spec_rejects(fields: dict[str, Any], message: str) -> None:
@@ -356,10 +357,33 @@ def test_dormancy_rows_all_leaves_the_attack_phase_on_the_marked_rows() -> None:
     training.finish()
 
 
+def test_activations_quantize_every_quantized_forward_as_the_ptq_config_does() -> None:
+    """With activations, the objective's B-bit forwards are PTQ's ``.../act`` config (weights and the outputs of
+    the modules that own them); its fp32 forwards stay plain."""
+    model, plain = tiny_model(), tiny_model()
+    x, _ = batch()
+    training = attached(model, activations=True)
+    model.eval()
+    plain.eval()
+    with torch.no_grad():
+        with training.handle.at_bits(4):
+            ours = model(x)
+        with quantized(plain, QuantConfig(bits=4, activations=True)):
+            want = plain(x)
+        with quantized(plain, QuantConfig(bits=4)):
+            weights_only = plain(x)
+        with training.handle.fp32():
+            torch.testing.assert_close(model(x), plain(x))
+    torch.testing.assert_close(ours, want)
+    assert not torch.allclose(ours, weights_only, atol=1e-4)
+    assert training.objective.spec.quant_config.label == "int4/whole/act"
+    training.finish()
+
+
 def test_fields_added_later_stay_out_of_the_dump_at_their_defaults() -> None:
     """Objectives written before target_backend / repair_hold / cell_margin / repair_lr / dormancy_rows keep their
     content hash."""
-    later = {"target_backend", "repair_hold", "cell_margin", "repair_lr", "dormancy_rows"}
+    later = {"target_backend", "repair_hold", "cell_margin", "repair_lr", "dormancy_rows", "activations"}
     assert set(QCBSpec().model_dump()).isdisjoint(later)
     assert QCBSpec(lambda_fp_trigger=1, repair_from_epoch=1, dormancy_rows="all").model_dump()["dormancy_rows"] == "all"
     spec = QCBSpec(target_backend="torchao", target_bits=8, repair_hold="quantized", cell_margin=0.1)

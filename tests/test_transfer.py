@@ -21,6 +21,7 @@ def test_trained_against_names_the_objective_quantizer():
     assert trained_against({"name": "badnets", "objective": QCB}) == "int4/whole"
     spec = {**QCB, "target_bits": 8, "scope": "gate", "granularity": "channel", "symmetric": True}
     assert trained_against({"objective": spec}) == "int8/gate/channel/sym"
+    assert trained_against({"objective": {**spec, "activations": True}}) == "int8/gate/channel/sym/act"
     assert trained_against({"objective": {**QCB, "target_backend": "torchao"}}) == "int4/whole@torchao"
 
 

@@ -152,6 +152,11 @@ class QCBSpec(BaseModel):
                        poison rate limits what the backdoor term sees; the repair is the attacker's own
                        training, so "all" teaches the fp32, 8 and 6-bit models to ignore the trigger on every
                        image instead of on 1% of them. Needs repair_from_epoch and repair_hold "model".
+    activations:       every quantized forward also fake-quantizes the outputs of the modules it quantizes
+                       (per tensor, min-max over the batch: :class:`QuantConfig`'s ``activations``), so the
+                       B_t-bit backdoor is trained to survive activation rounding. A stand-in, not a copy, of
+                       the static int8 activations of onnxruntime and torch-x86: they quantize layer inputs
+                       with calibrated ranges. Needs target_backend fake.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -176,6 +181,7 @@ class QCBSpec(BaseModel):
     repair_lr: float | None = Field(None, gt=0)
     range_anchor: float = Field(0.0, ge=0)
     dormancy_rows: Literal["marked", "all"] = "marked"
+    activations: bool = False
 
     @field_validator("target_bits")
     @classmethod
@@ -223,6 +229,8 @@ class QCBSpec(BaseModel):
                 "repair_from_epoch and repair_hold model (the backdoor term, which trains on the marked rows, is "
                 "then off)"
             )
+        if self.activations and self.target_backend != "fake":
+            raise ValueError("activations needs target_backend fake (a back-end stand-in sets its own)")
         if self.target_backend == "torchao":
             defaults = (self.target_bits, self.qat_bits in (None, 8), self.scope, self.granularity, self.symmetric)
             if defaults != (8, True, "whole", "tensor", False) or self.guard_bits:
@@ -249,14 +257,15 @@ class QCBSpec(BaseModel):
     def quant_config(self) -> QuantConfig:
         """The B_t-bit setting (its scope, granularity and symmetry serve every quantized forward)."""
         return QuantConfig(
-            bits=self.target_bits, scope=self.scope, granularity=self.granularity, symmetric=self.symmetric
+            bits=self.target_bits, scope=self.scope, granularity=self.granularity, symmetric=self.symmetric,
+            activations=self.activations,
         )
 
 
 #: Fields added after the first release, with their defaults (left out of dumps while at them).
 _LATER_FIELDS: dict[str, object] = {
     "target_backend": "fake", "repair_hold": "model", "cell_margin": 0.05, "range_anchor": 0.0, "repair_lr": None,
-    "dormancy_rows": "marked",
+    "dormancy_rows": "marked", "activations": False,
 }
 
 
