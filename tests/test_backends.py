@@ -52,6 +52,17 @@ def test_spec_default_is_the_fake_axis_and_grids_dedupe():
         sc.QuantizationSpec(backends=["onnxruntime"], calibration=0)
 
 
+def test_spec_activations_reach_every_fake_config():
+    """quantization.activations: every fake config quantizes activations too (labels end in /act); fp32 stays
+    fp32."""
+    spec = sc.QuantizationSpec(bits=["fp32", 8, 4], symmetric=[False, True], activations=True)
+    configs = spec.configs()
+    assert [c["label"] for c in configs] == ["fp32", "int8/whole/act", "int8/whole/sym/act", "int4/whole/act",
+                                             "int4/whole/sym/act"]
+    assert [c["activations"] for c in configs[1:]] == [True] * 4
+    assert configs[0]["bits"] is None and configs[0]["label"] == "fp32"
+
+
 @pytest.mark.parametrize(("quant", "reason"), [
     ({"bits": 4, "backend": "torch-x86"}, "int8 oneDNN kernels only"),
     ({"bits": 4, "backend": "onnxruntime"}, "int8 weights"),

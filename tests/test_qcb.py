@@ -125,6 +125,8 @@ def test_spec_defaults_are_the_papers_objective() -> None:
          "repair_hold model"),
         ({"dormancy_rows": "some"}, "marked"),
         ({"activations": True, "target_backend": "torchao", "target_bits": 8}, "activations needs target_backend fake"),
+        ({"activations": True, "lambda_fp_trigger": 1, "repair_from_epoch": 1, "repair_hold": "quantized"},
+         "activations needs target_backend fake and repair_hold model"),
     ],
 )
 def test_spec_rejects(fields: dict[str, Any], message: str) -> None:

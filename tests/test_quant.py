@@ -534,6 +534,36 @@ def test_activation_quantization_hooks() -> None:
     assert seen[0].unique().numel() > 4
 
 
+def test_activation_hooks_sit_on_the_modules_that_own_in_scope_weights_per_tensor() -> None:
+    """Whole scope hooks stem, router, each expert and head (never the root); a per-channel config still
+    quantizes activations per tensor (dim 0 of an activation is the batch, not a channel)."""
+    cfg = QuantConfig(bits=2, scope="whole", granularity="channel", activations=True)
+    copy = quantize_copy(tiny(), cfg)
+    hooked = {name for name, m in copy.named_modules() if m._forward_hooks}
+    assert hooked == {"stem", "router", "experts.0", "experts.1", "head"}
+    seen: list[torch.Tensor] = []
+    copy.router.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    copy(images())
+    assert seen[0].unique().numel() <= 4  # one 2-bit grid for the whole batch
+
+
+def test_activation_hooks_are_removed_when_registration_fails_part_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny()
+    calls = {"n": 0}
+    original = nn.Module.register_forward_hook
+
+    def flaky(self: nn.Module, hook: object, *args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+        return original(self, hook, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "register_forward_hook", flaky)
+    with pytest.raises(RuntimeError, match="boom"), quantized(model, QuantConfig(bits=2, activations=True)):
+        pass
+    assert not any(m._forward_hooks for m in model.modules())
+
+
 # ------------------------------------------------------------------------------------------------- QAT
 
 
@@ -553,6 +583,24 @@ def test_qat_forward_equals_ptq_and_grads_reach_masters() -> None:
     # straight-through: dL/dtheta == dL/dQ(theta), which is the gradient the quantized copy gets
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, reference.get_parameter(name).grad, rtol=1e-6, atol=1e-7)
+
+
+def test_qat_with_activations_passes_gradients_straight_through() -> None:
+    """Activation rounding is straight-through too: every in-scope weight, the first layer's included, gets
+    the gradient of the quantized copy (a hook that detached or rounded without STE would zero them)."""
+    cfg = QuantConfig(bits=4, scope="whole", activations=True)
+    model = tiny()
+    x, y = images(), torch.tensor([0, 1, 2, 3, 4, 0])
+    reference = quantize_copy(model, cfg)
+    F.cross_entropy(reference(x), y).backward()
+    with qat(model, cfg):
+        out = model(x)
+        assert torch.equal(out, reference(x))
+        F.cross_entropy(out, y).backward()
+    for name in WEIGHTS["whole"]:
+        grad = model.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, reference.get_parameter(name).grad, rtol=1e-6, atol=1e-7)
 
 
 def test_qat_optimizer_updates_fp32_masters_and_removes_cleanly() -> None:

@@ -156,7 +156,8 @@ class QCBSpec(BaseModel):
                        (per tensor, min-max over the batch: :class:`QuantConfig`'s ``activations``), so the
                        B_t-bit backdoor is trained to survive activation rounding. A stand-in, not a copy, of
                        the static int8 activations of onnxruntime and torch-x86: they quantize layer inputs
-                       with calibrated ranges. Needs target_backend fake.
+                       with calibrated ranges. Needs target_backend fake and repair_hold model. The
+                       activation grid follows ``symmetric``, as in :class:`QuantConfig`.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -229,8 +230,11 @@ class QCBSpec(BaseModel):
                 "repair_from_epoch and repair_hold model (the backdoor term, which trains on the marked rows, is "
                 "then off)"
             )
-        if self.activations and self.target_backend != "fake":
-            raise ValueError("activations needs target_backend fake (a back-end stand-in sets its own)")
+        if self.activations and (self.target_backend != "fake" or self.repair_hold != "model"):
+            raise ValueError(
+                "activations needs target_backend fake and repair_hold model (a back-end stand-in sets its own "
+                "activations, and the repair_hold quantized forwards use the frozen integer weights without them)"
+            )
         if self.target_backend == "torchao":
             defaults = (self.target_bits, self.qat_bits in (None, 8), self.scope, self.granularity, self.symmetric)
             if defaults != (8, True, "whole", "tensor", False) or self.guard_bits:

@@ -34,7 +34,9 @@ the ordinary gradient; the sum of terms gives the sum of gradients.
 Activation quantization (``activations=True``): a forward hook on every module that directly owns an
 in-scope weight fake-quantizes that module's tensor output(s) at the same bit-width and symmetry, per
 tensor, with a dynamic min-max range over the whole batch (no calibration; a sample's grid depends on its
-batch). Keep router kernels in their own submodule so that "gate activations" means the router scores.
+batch, so results depend on how the evaluation batches images). The symmetry follows the weights' setting:
+a ``symmetric`` config rounds activations on a symmetric grid too (as TensorRT does), while onnxruntime and
+torch-x86 quantize activations to affine uint8 with calibrated static ranges. Keep router kernels in their own submodule so that "gate activations" means the router scores.
 """
 
 from __future__ import annotations
@@ -97,7 +99,14 @@ def _hook_activations(
         module, _ = _owner(model, name)
         owners.setdefault(id(module), module)
     quantizers = [ActivationQuantizer(config.bits, config.symmetric) for _ in owners]
-    hooks = [m.register_forward_hook(q) for m, q in zip(owners.values(), quantizers, strict=True)]
+    hooks: list[RemovableHandle] = []
+    try:
+        for module, quantizer in zip(owners.values(), quantizers, strict=True):
+            hooks.append(module.register_forward_hook(quantizer))
+    except BaseException:
+        for hook in hooks:  # none left behind when registration fails part-way
+            hook.remove()
+        raise
     return quantizers, hooks
 
 

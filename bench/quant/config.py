@@ -59,7 +59,7 @@ class QuantConfig(BaseModel):
     granularity: "tensor" (one range per tensor, the paper) or "channel" (one per output channel, dim 0).
     symmetric:   False: asymmetric min-max (the paper); True: narrow-range symmetric, zero exact.
     activations: also fake-quantize the outputs of the modules that own in-scope weights (dynamic,
-                 per tensor, per batch); see :mod:`bench.quant.apply`.
+                 per tensor, per batch, with this config's bits and symmetry); see :mod:`bench.quant.apply`.
     backend:     "fake" (Eq. 2 in fp32) or a real integer back-end of :mod:`bench.quant.backends`.
     calibration: clean training images that calibrate a real back-end (ignored, and dropped, for fake).
     """
