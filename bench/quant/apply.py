@@ -36,7 +36,8 @@ in-scope weight fake-quantizes that module's tensor output(s) at the same bit-wi
 tensor, with a dynamic min-max range over the whole batch (no calibration; a sample's grid depends on its
 batch, so results depend on how the evaluation batches images). The symmetry follows the weights' setting:
 a ``symmetric`` config rounds activations on a symmetric grid too (as TensorRT does), while onnxruntime and
-torch-x86 quantize activations to affine uint8 with calibrated static ranges. Keep router kernels in their own submodule so that "gate activations" means the router scores.
+torch-x86 quantize activations to affine uint8 with calibrated static ranges. Keep router kernels in their
+own submodule so that "gate activations" means the router scores.
 """
 
 from __future__ import annotations
